@@ -1,0 +1,1 @@
+"""Billing: the price book, invoices from Prometheus, reconciliation with the ledger."""

@@ -1,0 +1,319 @@
+"""The `sluis` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from gateway.admin_client import AdminClient, AdminError
+from gateway.serve import run_async
+from gateway.settings import ConfigError, load_settings
+from gateway.tables import render_table
+
+TENANT_COLUMNS = ("name", "id", "status", "models", "created_at")
+KEY_COLUMNS = ("id", "name", "prefix", "created_at", "expires_at", "revoked_at")
+USAGE_COLUMNS = (
+    "tenant",
+    "model",
+    "requests",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+)
+AUDIT_COLUMNS = ("id", "at", "actor", "action", "target_type", "target_id")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return 2
+    if args.run in SERVERS:
+        _configure_logging()
+    try:
+        result: int = args.run(args)
+        return result
+    except ConfigError as exc:
+        print(f"sluis: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except AdminError as exc:
+        print(f"sluis: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+def _configure_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    for noisy in ("httpx", "httpcore", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+# -- servers ---------------------------------------------------------------------------------
+
+
+def _run_gateway(args: argparse.Namespace) -> int:
+    from gateway.serve import serve_gateway
+
+    settings = load_settings(
+        args.config, host=args.host, port=args.port, upstream_url=args.upstream
+    )
+    run_async(serve_gateway(settings))
+    return 0
+
+
+def _run_up(args: argparse.Namespace) -> int:
+    from gateway.serve import serve_up
+
+    settings = load_settings(args.config, host=args.host, port=args.port)
+    run_async(serve_up(settings))
+    return 0
+
+
+def _run_fake_engine(args: argparse.Namespace) -> int:
+    from gateway.serve import serve_fake_engine
+
+    run_async(
+        serve_fake_engine(args.host, args.port, ttft_s=args.ttft, token_delay_s=args.token_delay)
+    )
+    return 0
+
+
+def _run_db_upgrade(args: argparse.Namespace) -> int:
+    from gateway.tenancy.database import Database
+
+    settings = load_settings(args.config)
+
+    async def upgrade() -> None:
+        database = Database.from_url(settings.database_url)
+        try:
+            await database.migrate()
+        finally:
+            await database.dispose()
+
+    asyncio.run(upgrade())
+    print("database is at the latest schema")
+    return 0
+
+
+SERVERS = (_run_gateway, _run_up, _run_fake_engine, _run_db_upgrade)
+
+
+# -- admin API ------------------------------------------------------------------------------
+
+
+def _admin(args: argparse.Namespace, method: str, path: str, **kwargs: Any) -> Any:
+    client = AdminClient.from_env(args.url, args.admin_token)
+    try:
+        return client.call(method, path, **kwargs)
+    finally:
+        client.close()
+
+
+def _show(args: argparse.Namespace, payload: Any, columns: Sequence[str]) -> int:
+    if args.json:
+        print(json.dumps(payload, indent=2))
+        return 0
+    rows = payload["data"] if isinstance(payload, dict) and "data" in payload else [payload]
+    print(render_table(rows, columns))
+    return 0
+
+
+def _tenants_create(args: argparse.Namespace) -> int:
+    body = {"name": args.name, "models": _split(args.models), "metadata": _metadata(args.meta)}
+    return _show(args, _admin(args, "POST", "/tenants", json=body), TENANT_COLUMNS)
+
+
+def _tenants_list(args: argparse.Namespace) -> int:
+    return _show(args, _admin(args, "GET", "/tenants"), TENANT_COLUMNS)
+
+
+def _tenants_get(args: argparse.Namespace) -> int:
+    return _show(args, _admin(args, "GET", f"/tenants/{args.tenant}"), TENANT_COLUMNS)
+
+
+def _tenants_update(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {}
+    if args.models is not None:
+        body["models"] = _split(args.models)
+    if args.meta:
+        body["metadata"] = _metadata(args.meta)
+    if args.status:
+        body["status"] = args.status
+    return _show(args, _admin(args, "PATCH", f"/tenants/{args.tenant}", json=body), TENANT_COLUMNS)
+
+
+def _tenants_status(status: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        payload = _admin(args, "PATCH", f"/tenants/{args.tenant}", json={"status": status})
+        return _show(args, payload, TENANT_COLUMNS)
+
+    return run
+
+
+def _keys_create(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"name": args.name}
+    if args.expires_in_days:
+        body["expires_in_s"] = int(args.expires_in_days * 86400)
+    payload = _admin(args, "POST", f"/tenants/{args.tenant}/keys", json=body)
+    if args.json:
+        print(json.dumps(payload, indent=2))
+    else:
+        print(render_table([payload], KEY_COLUMNS))
+        print(f"\nkey (shown only now): {payload['key']}")
+    return 0
+
+
+def _keys_list(args: argparse.Namespace) -> int:
+    return _show(args, _admin(args, "GET", f"/tenants/{args.tenant}/keys"), KEY_COLUMNS)
+
+
+def _keys_revoke(args: argparse.Namespace) -> int:
+    return _show(args, _admin(args, "DELETE", f"/keys/{args.key_id}"), KEY_COLUMNS)
+
+
+def _keys_rotate(args: argparse.Namespace) -> int:
+    payload = _admin(
+        args, "POST", f"/keys/{args.key_id}/rotate", json={"grace_s": int(args.grace_hours * 3600)}
+    )
+    if args.json:
+        print(json.dumps(payload, indent=2))
+    else:
+        print(render_table([payload, payload["previous"]], KEY_COLUMNS))
+        print(f"\nnew key (shown only now): {payload['key']}")
+    return 0
+
+
+def _usage(args: argparse.Namespace) -> int:
+    params = {
+        name: value
+        for name, value in (
+            ("tenant", args.tenant),
+            ("model", args.model),
+            ("from", args.start),
+            ("to", args.end),
+        )
+        if value
+    }
+    return _show(args, _admin(args, "GET", "/usage", params=params), USAGE_COLUMNS)
+
+
+def _audit(args: argparse.Namespace) -> int:
+    params = {"limit": str(args.limit)}
+    if args.tenant:
+        params["tenant"] = args.tenant
+    return _show(args, _admin(args, "GET", "/audit", params=params), AUDIT_COLUMNS)
+
+
+def _split(models: str | None) -> list[str]:
+    return [m.strip() for m in (models or "").split(",") if m.strip()]
+
+
+def _metadata(pairs: list[str] | None) -> dict[str, str]:
+    metadata = {}
+    for pair in pairs or []:
+        name, sep, value = pair.partition("=")
+        if not sep:
+            raise AdminError(f"--meta takes KEY=VALUE, got {pair!r}", exit_code=2)
+        metadata[name] = value
+    return metadata
+
+
+# -- parser ---------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sluis", description="Multi-tenant inference gateway.")
+    commands = parser.add_subparsers(metavar="COMMAND")
+
+    gateway = commands.add_parser("gateway", help="serve the gateway in front of an upstream")
+    gateway.add_argument("--config", type=Path)
+    gateway.add_argument("--upstream", help="URL of an OpenAI-compatible server")
+    gateway.add_argument("--host")
+    gateway.add_argument("--port", type=int)
+    gateway.set_defaults(run=_run_gateway)
+
+    up = commands.add_parser("up", help="the whole stack on this machine, with a demo tenant")
+    up.add_argument("--config", type=Path)
+    up.add_argument("--host")
+    up.add_argument("--port", type=int)
+    up.set_defaults(run=_run_up)
+
+    fake = commands.add_parser("fake-engine", help="a deterministic fake OpenAI server")
+    fake.add_argument("--host", default="127.0.0.1")
+    fake.add_argument("--port", type=int, default=8100)
+    fake.add_argument("--ttft", type=float, default=0.0, help="seconds before the first token")
+    fake.add_argument("--token-delay", type=float, default=0.0, help="seconds per token")
+    fake.set_defaults(run=_run_fake_engine)
+
+    db = commands.add_parser("db", help="database schema").add_subparsers(metavar="ACTION")
+    upgrade = db.add_parser("upgrade", help="apply migrations")
+    upgrade.add_argument("--config", type=Path)
+    upgrade.set_defaults(run=_run_db_upgrade)
+
+    admin = argparse.ArgumentParser(add_help=False)
+    admin.add_argument("--url", help="gateway URL (default $SLUIS_URL or http://127.0.0.1:8000)")
+    admin.add_argument("--admin-token", help="default $SLUIS_ADMIN_TOKEN")
+    admin.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    tenants = commands.add_parser("tenants", help="manage tenants").add_subparsers(metavar="ACTION")
+    create = tenants.add_parser("create", parents=[admin])
+    create.add_argument("name")
+    create.add_argument("--models", default="", help="comma-separated model ids, or *")
+    create.add_argument("--meta", action="append", metavar="KEY=VALUE")
+    create.set_defaults(run=_tenants_create)
+    tenants.add_parser("list", parents=[admin]).set_defaults(run=_tenants_list)
+    get = tenants.add_parser("get", parents=[admin])
+    get.add_argument("tenant")
+    get.set_defaults(run=_tenants_get)
+    update = tenants.add_parser("update", parents=[admin])
+    update.add_argument("tenant")
+    update.add_argument("--models")
+    update.add_argument("--meta", action="append", metavar="KEY=VALUE")
+    update.add_argument("--status", choices=["active", "suspended"])
+    update.set_defaults(run=_tenants_update)
+    for action, status in (("suspend", "suspended"), ("activate", "active")):
+        sub = tenants.add_parser(action, parents=[admin])
+        sub.add_argument("tenant")
+        sub.set_defaults(run=_tenants_status(status))
+
+    keys = commands.add_parser("keys", help="manage API keys").add_subparsers(metavar="ACTION")
+    key_create = keys.add_parser("create", parents=[admin])
+    key_create.add_argument("tenant")
+    key_create.add_argument("--name", default="default")
+    key_create.add_argument("--expires-in-days", type=float)
+    key_create.set_defaults(run=_keys_create)
+    key_list = keys.add_parser("list", parents=[admin])
+    key_list.add_argument("tenant")
+    key_list.set_defaults(run=_keys_list)
+    revoke = keys.add_parser("revoke", parents=[admin])
+    revoke.add_argument("key_id")
+    revoke.set_defaults(run=_keys_revoke)
+    rotate = keys.add_parser("rotate", parents=[admin])
+    rotate.add_argument("key_id")
+    rotate.add_argument("--grace-hours", type=float, default=24.0)
+    rotate.set_defaults(run=_keys_rotate)
+
+    usage = commands.add_parser("usage", parents=[admin], help="metered usage per tenant, model")
+    usage.add_argument("--tenant")
+    usage.add_argument("--model")
+    usage.add_argument("--from", dest="start", help="ISO date or datetime (inclusive)")
+    usage.add_argument("--to", dest="end", help="ISO date or datetime (exclusive)")
+    usage.set_defaults(run=_usage)
+
+    audit = commands.add_parser("audit", parents=[admin], help="the admin audit log")
+    audit.add_argument("--tenant")
+    audit.add_argument("--limit", type=int, default=50)
+    audit.set_defaults(run=_audit)
+    return parser
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,58 @@
+"""The fake engine as an OpenAI-compatible HTTP server (`sluis fake-engine`)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import orjson
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from gateway.fake_engine import FakeEngine, FakeEngineError, StreamBroken
+from gateway.upstreams.base import Endpoint
+from gateway.upstreams.sse import encode_event
+
+
+def create_fake_server(engine: FakeEngine | None = None) -> Starlette:
+    engine = engine or FakeEngine()
+
+    async def models(_: Request) -> Response:
+        data = [{"id": name, "object": "model", "owned_by": "fake"} for name in engine.models()]
+        return _json({"object": "list", "data": data})
+
+    def handler(endpoint: Endpoint):  # type: ignore[no-untyped-def]
+        async def handle(request: Request) -> Response:
+            body = orjson.loads(await request.body())
+            try:
+                plan = engine.plan(endpoint, body)
+                if body.get("stream"):
+                    return StreamingResponse(
+                        _sse(engine.stream(plan)), media_type="text/event-stream"
+                    )
+                return _json(await engine.complete(plan))
+            except FakeEngineError as exc:
+                return _json(exc.body, exc.status)
+
+        return handle
+
+    routes = [Route("/v1/models", models)] + [
+        Route(f"/v1/{endpoint.value}", handler(endpoint), methods=["POST"]) for endpoint in Endpoint
+    ]
+    app = Starlette(routes=routes)
+    app.state.engine = engine
+    return app
+
+
+async def _sse(events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    try:
+        async for event in events:
+            yield encode_event(event)
+    except StreamBroken:
+        # Raising out of the response body makes the server drop the connection mid-stream.
+        raise
+
+
+def _json(payload: object, status: int = 200) -> Response:
+    return Response(orjson.dumps(payload), status_code=status, media_type="application/json")

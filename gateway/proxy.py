@@ -1,0 +1,216 @@
+"""The tenant API: authenticate, validate, admit, forward, meter."""
+
+from __future__ import annotations
+
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from gateway.admission import AdmissionRequest, Admitted
+from gateway.auth import Principal
+from gateway.body import parse_json_object, read_limited_body
+from gateway.catalog import Model
+from gateway.errors import PermissionDenied, SluisError, UpstreamUnavailable
+from gateway.payloads import ChatRequest, CompletionRequest, validate_payload
+from gateway.state import GatewayState, gateway_state, request_id
+from gateway.streaming import StreamMeter, StreamRelay, StreamResult
+from gateway.upstreams.base import Endpoint, UpstreamCall
+from gateway.upstreams.http import reply_error
+from gateway.usage import Outcome, UsageRecord
+
+
+@dataclass(frozen=True, slots=True)
+class _Context:
+    state: GatewayState
+    principal: Principal
+    model: Model
+    endpoint: Endpoint
+    request_id: str
+    started: float
+    admitted: Admitted
+
+
+async def list_models(request: Request) -> Response:
+    state = gateway_state(request)
+    principal = await state.authenticator.authenticate(request.headers.get("authorization"))
+    data = [
+        {"id": model.id, "object": "model", "created": 0, "owned_by": model.owned_by}
+        for model in state.catalog
+        if principal.tenant.allows(model.id)
+    ]
+    return _json({"object": "list", "data": data})
+
+
+def _endpoint_handler(endpoint: Endpoint):  # type: ignore[no-untyped-def]
+    async def handle(request: Request) -> Response | StreamRelay:
+        return await _forward(request, endpoint)
+
+    handle.__name__ = f"create_{endpoint.name.lower()}"
+    return handle
+
+
+async def _forward(request: Request, endpoint: Endpoint) -> Response | StreamRelay:
+    state = gateway_state(request)
+    started = state.clock.monotonic()
+    principal = await state.authenticator.authenticate(request.headers.get("authorization"))
+    body = parse_json_object(await read_limited_body(request, state.settings.max_body_bytes))
+    payload = validate_payload(endpoint, body)
+    model = state.catalog.resolve(payload.model)
+    if not principal.tenant.allows(model.id):
+        raise PermissionDenied(
+            f"The tenant '{principal.tenant.name}' may not use the model '{model.id}'.",
+            code="model_not_allowed",
+            param="model",
+        )
+    max_tokens = None
+    if isinstance(payload, ChatRequest):
+        max_tokens = payload.max_completion_tokens or payload.max_tokens
+    elif isinstance(payload, CompletionRequest):
+        max_tokens = payload.max_tokens
+    rid = request_id(request)
+    admitted = await state.admission.admit(
+        AdmissionRequest(
+            principal=principal,
+            model=model,
+            request_id=rid,
+            max_completion_tokens=max_tokens,
+        )
+    )
+    ctx = _Context(state, principal, model, endpoint, rid, started, admitted)
+    body["model"] = model.upstream_model
+    if payload.stream:
+        options = payload.stream_options
+        wants_usage = bool(options and options.include_usage)
+        wants_continuous = bool(options and options.continuous_usage_stats)
+        stream_options: dict[str, Any] = dict(body.get("stream_options") or {})
+        stream_options["include_usage"] = True
+        if state.settings.upstream().continuous_usage:
+            stream_options["continuous_usage_stats"] = True
+        body["stream_options"] = stream_options
+        return await _stream(
+            ctx, body, StreamMeter(wants_usage=wants_usage, wants_continuous_usage=wants_continuous)
+        )
+    return await _complete(ctx, body)
+
+
+async def _complete(ctx: _Context, body: dict[str, Any]) -> Response:
+    state = ctx.state
+    try:
+        reply = await state.upstream.send(UpstreamCall(ctx.endpoint, body, ctx.request_id))
+    except UpstreamUnavailable:
+        await _settle(ctx, 0, 0)
+        raise
+    except SluisError as exc:
+        _meter(ctx, 0, 0, exact=False, status=exc.status_code, outcome="error", ttft=None)
+        await _settle(ctx, 0, 0)
+        raise
+    if reply.status != 200:
+        error = reply_error(reply)
+        _meter(ctx, 0, 0, exact=True, status=error.status_code, outcome="error", ttft=None)
+        await _settle(ctx, 0, 0)
+        raise error
+    prompt, completion, exact = _usage_of(reply.body)
+    _meter(
+        ctx, prompt, completion, exact=exact, status=200, outcome="ok", ttft=state.clock.monotonic()
+    )
+    await _settle(ctx, prompt, completion)
+    return Response(reply.body, media_type="application/json", headers=ctx.admitted.headers)
+
+
+async def _stream(ctx: _Context, body: dict[str, Any], meter: StreamMeter) -> StreamRelay:
+    state = ctx.state
+    resources = AsyncExitStack()
+    try:
+        events = await resources.enter_async_context(
+            state.upstream.stream(UpstreamCall(ctx.endpoint, body, ctx.request_id))
+        )
+    except UpstreamUnavailable:
+        await _settle(ctx, 0, 0)
+        raise
+    except SluisError as exc:
+        _meter(ctx, 0, 0, exact=True, status=exc.status_code, outcome="error", ttft=None)
+        await _settle(ctx, 0, 0)
+        raise
+
+    async def finish(result: StreamResult) -> None:
+        _meter(
+            ctx,
+            result.prompt_tokens,
+            result.completion_tokens,
+            exact=result.usage_exact,
+            status=result.status,
+            outcome=result.outcome,
+            ttft=result.first_token_at,
+        )
+        await _settle(ctx, result.prompt_tokens, result.completion_tokens)
+
+    return StreamRelay(
+        events=events,
+        resources=resources,
+        meter=meter,
+        headers=ctx.admitted.headers,
+        clock=state.clock,
+        on_finish=finish,
+    )
+
+
+def _meter(
+    ctx: _Context,
+    prompt: int,
+    completion: int,
+    *,
+    exact: bool,
+    status: int,
+    outcome: Outcome,
+    ttft: float | None,
+) -> None:
+    clock = ctx.state.clock
+    ctx.state.meter.record(
+        UsageRecord(
+            request_id=ctx.request_id,
+            tenant_id=ctx.principal.tenant.id,
+            key_id=ctx.principal.key_id,
+            model=ctx.model.id,
+            endpoint=ctx.endpoint.value,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            status=status,
+            outcome=outcome,
+            usage_exact=exact,
+            ttft_ms=None if ttft is None else round((ttft - ctx.started) * 1000, 3),
+            duration_ms=round((clock.monotonic() - ctx.started) * 1000, 3),
+            created_at=clock.now(),
+        )
+    )
+
+
+async def _settle(ctx: _Context, prompt: int, completion: int) -> None:
+    await ctx.state.admission.settle(
+        ctx.admitted, prompt_tokens=prompt, completion_tokens=completion
+    )
+
+
+def _usage_of(body: bytes) -> tuple[int, int, bool]:
+    try:
+        usage = orjson.loads(body).get("usage")
+    except (orjson.JSONDecodeError, AttributeError):
+        return 0, 0, False
+    if not isinstance(usage, dict):
+        return 0, 0, False
+    return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0), True
+
+
+def _json(payload: object, status: int = 200) -> Response:
+    return Response(orjson.dumps(payload), status_code=status, media_type="application/json")
+
+
+def tenant_routes() -> list[BaseRoute]:
+    routes: list[BaseRoute] = [Route("/v1/models", list_models, methods=["GET"])]
+    for endpoint in Endpoint:
+        routes.append(Route(f"/v1/{endpoint.value}", _endpoint_handler(endpoint), methods=["POST"]))
+    return routes

@@ -1,0 +1,110 @@
+"""Running servers: the gateway, the demo stack, the fake engine."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Coroutine
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+
+from gateway.app import admin_token_path, create_app
+from gateway.errors import Conflict
+from gateway.fake_engine import FakeEngine, FakeEngineConfig
+from gateway.fake_server import create_fake_server
+from gateway.settings import ConfigError, Settings
+from gateway.state import GatewayState
+from gateway.upstreams.fake import FakeUpstream
+
+DEMO_TENANT = "demo"
+
+
+def run_async(main: Coroutine[Any, Any, None]) -> None:
+    """Run a server coroutine on uvloop when it is installed (it is, with uvicorn[standard])."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+    else:
+        uvloop.run(main)
+
+
+def server_for(app: Starlette, host: str, port: int, *, drain_s: float = 30.0) -> uvicorn.Server:
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        loop="uvloop",
+        http="httptools",
+        access_log=False,
+        log_level="warning",
+        timeout_graceful_shutdown=int(drain_s) or None,
+    )
+    return uvicorn.Server(config)
+
+
+def refuse_taken_port(host: str, port: int) -> None:
+    """Fail clearly when something already listens there (never share a port silently)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(f"{host}:{port} is already in use ({exc.strerror})") from exc
+
+
+async def serve_gateway(settings: Settings) -> None:
+    refuse_taken_port(settings.host, settings.port)
+    app = create_app(settings)
+    print(f"sluis gateway on http://{settings.host}:{settings.port}", flush=True)
+    await server_for(app, settings.host, settings.port, drain_s=settings.shutdown_drain_s).serve()
+
+
+async def serve_up(settings: Settings) -> None:
+    """The stack on this machine. Until Ray Serve deployments land, the engine is the in-process
+    fake engine unless the config names an upstream URL."""
+    refuse_taken_port(settings.host, settings.port)
+    upstream = None
+    if settings.upstream().kind == "http" and not settings.upstream().url:
+        upstream = FakeUpstream()
+    app = create_app(settings, upstream=upstream)
+    server = server_for(app, settings.host, settings.port, drain_s=settings.shutdown_drain_s)
+    serving = asyncio.create_task(server.serve())
+    while not server.started and not serving.done():  # noqa: ASYNC110 - uvicorn has no event
+        await asyncio.sleep(0.05)
+    if server.started:
+        state: GatewayState = app.state.sluis
+        await _announce(settings, state)
+    await serving
+
+
+async def _announce(settings: Settings, state: GatewayState) -> None:
+    url = f"http://{settings.host}:{settings.port}"
+    lines = [
+        f"Sluis is up: {url}/v1",
+        f"admin token: {admin_token_path(settings)}"
+        if settings.admin_token is None
+        else "admin token: $SLUIS_ADMIN_TOKEN",
+    ]
+    try:
+        await state.tenants.create_tenant(
+            DEMO_TENANT, models=("*",), metadata={"created_by": "sluis up"}, actor="sluis-up"
+        )
+        _, key = await state.tenants.create_key(DEMO_TENANT, actor="sluis-up", name="demo")
+        lines.append(f"demo tenant key: {key}")
+        lines.append(
+            f'try: curl {url}/v1/chat/completions -H "Authorization: Bearer {key}" '
+            f"-H 'content-type: application/json' "
+            f'-d \'{{"model": "{state.catalog.ids()[0]}", '
+            f'"messages": [{{"role": "user", "content": "Hello"}}]}}\''
+        )
+    except Conflict:
+        lines.append(f"demo tenant exists; new key: sluis keys create {DEMO_TENANT}")
+    print("\n".join(lines), flush=True)
+
+
+async def serve_fake_engine(host: str, port: int, *, ttft_s: float, token_delay_s: float) -> None:
+    engine = FakeEngine(FakeEngineConfig(ttft_s=ttft_s, token_delay_s=token_delay_s))
+    print(f"fake engine on http://{host}:{port}/v1", flush=True)
+    await server_for(create_fake_server(engine), host, port, drain_s=1).serve()

@@ -1,0 +1,132 @@
+"""Typed configuration, validated once at start-up.
+
+Two sources: `SLUIS_*` environment variables (deployment knobs and secrets) and one YAML file
+(`sluis.yaml`: upstream and model catalog). A bad value fails start-up with `ConfigError`, naming
+the file or variable, the field and why.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_CONFIG_FILE = Path("sluis.yaml")
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message says where and why."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class UpstreamConfig(_Strict):
+    kind: Literal["http", "fake"] = "http"
+    url: str | None = None
+    api_key: SecretStr | None = None
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    read_timeout_s: float = Field(default=600.0, gt=0)
+    max_connections: int = Field(default=1000, ge=1)
+    # Ask the server for usage on every chunk (vLLM's `continuous_usage_stats`) so that a
+    # client leaving mid-stream is billed exactly the tokens it was sent.
+    continuous_usage: bool = True
+
+
+class ModelConfig(_Strict):
+    id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+    task: Literal["generate", "embed"] = "generate"
+    upstream_model: str | None = None
+    owned_by: str = "sluis"
+
+
+class FileConfig(_Strict):
+    upstream: UpstreamConfig = UpstreamConfig()
+    models: tuple[ModelConfig, ...] = ()
+
+    @field_validator("models")
+    @classmethod
+    def _unique_ids(cls, models: tuple[ModelConfig, ...]) -> tuple[ModelConfig, ...]:
+        seen: set[str] = set()
+        for model in models:
+            if model.id in seen:
+                raise ValueError(f"model id {model.id!r} is listed twice")
+            seen.add(model.id)
+        return models
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SLUIS_", extra="ignore", frozen=True)
+
+    config: Path | None = None
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    database_url: str = "sqlite+aiosqlite:///./.sluis/sluis.db"
+    admin_token: SecretStr | None = None
+    upstream_url: str | None = None
+    state_dir: Path = Path(".sluis")
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    key_cache_ttl_s: float = Field(default=5.0, ge=0)
+    meter_batch_size: int = Field(default=500, ge=1)
+    shutdown_drain_s: float = Field(default=30.0, ge=0)
+    file: FileConfig = FileConfig()
+
+    @field_validator("admin_token")
+    @classmethod
+    def _admin_token_is_not_a_tenant_key(cls, token: SecretStr | None) -> SecretStr | None:
+        if token is None:
+            return None
+        value = token.get_secret_value()
+        if value.startswith("sk-sluis-"):
+            raise ValueError("must not look like a tenant key (sk-sluis-...)")
+        if len(value) < 16:
+            raise ValueError("must be at least 16 characters")
+        return token
+
+    def upstream(self) -> UpstreamConfig:
+        """The upstream to use: the file's, with `SLUIS_UPSTREAM_URL` / `--upstream` winning."""
+        if self.upstream_url is None:
+            return self.file.upstream
+        return self.file.upstream.model_copy(update={"kind": "http", "url": self.upstream_url})
+
+
+def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
+    """Environment, then the YAML file, then explicit overrides (CLI flags), validated once."""
+    try:
+        env_only = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        raise ConfigError(_describe("environment (SLUIS_*)", exc)) from exc
+    path = config or env_only.config
+    if path is None and DEFAULT_CONFIG_FILE.exists():
+        path = DEFAULT_CONFIG_FILE
+    if path is None:
+        return env_only
+    file_config = read_config_file(path)
+    return env_only.model_copy(update={"config": path, "file": file_config})
+
+
+def read_config_file(path: Path) -> FileConfig:
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    try:
+        return FileConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe(str(path), exc)) from exc
+
+
+def _describe(source: str, exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors():
+        field = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        problems.append(f"{field}: {error['msg']}")
+    return f"{source}: " + "; ".join(problems)

@@ -1,0 +1,38 @@
+"""One usage record per request: who used which model, how many tokens, how it ended.
+
+Never prompt or completion text. `request_id` makes writing it idempotent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+Outcome = Literal["ok", "error", "cancelled"]
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRecord:
+    request_id: str
+    tenant_id: str
+    key_id: str
+    model: str
+    endpoint: str
+    prompt_tokens: int
+    completion_tokens: int
+    status: int
+    outcome: Outcome
+    usage_exact: bool
+    ttft_ms: float | None
+    duration_ms: float
+    created_at: datetime
+
+    def to_row(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> dict[str, Any]:
+        row = self.to_row()
+        row["created_at"] = self.created_at.isoformat().replace("+00:00", "Z")
+        row["total_tokens"] = self.prompt_tokens + self.completion_tokens
+        return row

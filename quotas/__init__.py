@@ -1,0 +1,1 @@
+"""Per-tenant quotas: policy, limiter algorithms, reservations, stores behind one protocol."""

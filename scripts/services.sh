@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Makes sure the services the tests talk to run on loopback: PostgreSQL (5432).
+# Installs them with apt-get when absent (CI machines run as root).
+set -euo pipefail
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+wait_port() {
+  for _ in $(seq 1 60); do port_open "$1" && return 0; sleep 0.5; done
+  echo "services: nothing answers on 127.0.0.1:$1" >&2
+  return 1
+}
+
+if ! port_open 5432; then
+  if ! command -v pg_ctlcluster >/dev/null; then
+    as_root apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq postgresql >/dev/null
+  fi
+  version=$(ls /etc/postgresql | sort -n | tail -1)
+  as_root pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
+  wait_port 5432
+fi
+echo "services: PostgreSQL on 127.0.0.1:5432"
