@@ -23,6 +23,7 @@ from gateway.catalog import Model, ModelCatalog
 from gateway.clock import Clock, SystemClock
 from gateway.errors import SluisError, UpstreamUnavailable, error_body
 from gateway.health import healthz, readyz
+from gateway.inflight import Inflight
 from gateway.metering import Meter
 from gateway.middleware import RequestIdMiddleware
 from gateway.proxy import tenant_routes
@@ -55,6 +56,7 @@ def create_app(
         database = Database.from_url(settings.database_url)
         the_upstream = upstream or build_upstream(settings.upstream())
         meter: Meter | None = None
+        inflight = Inflight()
         try:
             await database.migrate()
             catalog = await build_catalog(settings, the_upstream)
@@ -78,12 +80,17 @@ def create_app(
                 admission=admission or OpenAdmission(),
                 catalog=catalog,
                 upstream=the_upstream,
+                inflight=inflight,
             )
             log.info("gateway ready: models %s", ", ".join(catalog.ids()) or "(none)")
             yield
         finally:
+            # Streams cut by the server's shutdown still write their usage records: wait for them.
+            if not await inflight.wait_idle(limit_s=5):
+                log.warning("%d requests still in flight at shutdown", inflight.count)
             if meter is not None:
                 await meter.aclose(drain_s=settings.shutdown_drain_s)
+                log.info("gateway stopped; %d usage records written", meter.written)
             await the_upstream.aclose()
             await database.dispose()
 

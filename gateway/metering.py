@@ -48,9 +48,14 @@ class Meter:
         self._task: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
         self._idle.set()
+        self._closed = False
         self.written = 0
 
     def record(self, record: UsageRecord) -> None:
+        if self._closed:
+            # A request that outlived shutdown: straight to the spool, never dropped.
+            self._write_spool([record])
+            return
         self._idle.clear()
         self._queue.put_nowait(record)
 
@@ -72,6 +77,7 @@ class Meter:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        self._closed = True
         leftover = self._pending + _take_all(self._queue)
         self._pending = []
         if leftover:

@@ -100,25 +100,28 @@ async def _forward(request: Request, endpoint: Endpoint) -> Response | StreamRel
 
 async def _complete(ctx: _Context, body: dict[str, Any]) -> Response:
     state = ctx.state
+    state.inflight.enter()
     try:
-        reply = await state.upstream.send(UpstreamCall(ctx.endpoint, body, ctx.request_id))
-    except UpstreamUnavailable:
-        await _settle(ctx, 0, 0)
-        raise
-    except SluisError as exc:
-        _meter(ctx, 0, 0, exact=False, status=exc.status_code, outcome="error", ttft=None)
-        await _settle(ctx, 0, 0)
-        raise
-    if reply.status != 200:
-        error = reply_error(reply)
-        _meter(ctx, 0, 0, exact=True, status=error.status_code, outcome="error", ttft=None)
-        await _settle(ctx, 0, 0)
-        raise error
-    prompt, completion, exact = _usage_of(reply.body)
-    _meter(
-        ctx, prompt, completion, exact=exact, status=200, outcome="ok", ttft=state.clock.monotonic()
-    )
-    await _settle(ctx, prompt, completion)
+        try:
+            reply = await state.upstream.send(UpstreamCall(ctx.endpoint, body, ctx.request_id))
+            if reply.status != 200:
+                raise reply_error(reply)
+        except SluisError as exc:
+            await _refused(ctx, exc)
+            raise
+        prompt, completion, exact = _usage_of(reply.body)
+        _meter(
+            ctx,
+            prompt,
+            completion,
+            exact=exact,
+            status=200,
+            outcome="ok",
+            ttft=state.clock.monotonic(),
+        )
+        await _settle(ctx, prompt, completion)
+    finally:
+        state.inflight.leave()
     return Response(reply.body, media_type="application/json", headers=ctx.admitted.headers)
 
 
@@ -129,25 +132,25 @@ async def _stream(ctx: _Context, body: dict[str, Any], meter: StreamMeter) -> St
         events = await resources.enter_async_context(
             state.upstream.stream(UpstreamCall(ctx.endpoint, body, ctx.request_id))
         )
-    except UpstreamUnavailable:
-        await _settle(ctx, 0, 0)
-        raise
     except SluisError as exc:
-        _meter(ctx, 0, 0, exact=True, status=exc.status_code, outcome="error", ttft=None)
-        await _settle(ctx, 0, 0)
+        await _refused(ctx, exc)
         raise
+    state.inflight.enter()
 
     async def finish(result: StreamResult) -> None:
-        _meter(
-            ctx,
-            result.prompt_tokens,
-            result.completion_tokens,
-            exact=result.usage_exact,
-            status=result.status,
-            outcome=result.outcome,
-            ttft=result.first_token_at,
-        )
-        await _settle(ctx, result.prompt_tokens, result.completion_tokens)
+        try:
+            _meter(
+                ctx,
+                result.prompt_tokens,
+                result.completion_tokens,
+                exact=result.usage_exact,
+                status=result.status,
+                outcome=result.outcome,
+                ttft=result.first_token_at,
+            )
+            await _settle(ctx, result.prompt_tokens, result.completion_tokens)
+        finally:
+            state.inflight.leave()
 
     return StreamRelay(
         events=events,
@@ -157,6 +160,14 @@ async def _stream(ctx: _Context, body: dict[str, Any], meter: StreamMeter) -> St
         clock=state.clock,
         on_finish=finish,
     )
+
+
+async def _refused(ctx: _Context, exc: SluisError) -> None:
+    """The upstream refused or failed before answering: meter that (no tokens), settle."""
+    if not isinstance(exc, UpstreamUnavailable):
+        # It was reached, so the attempt is on record; an unreachable upstream did no work.
+        _meter(ctx, 0, 0, exact=True, status=exc.status_code, outcome="error", ttft=None)
+    await _settle(ctx, 0, 0)
 
 
 def _meter(

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
 import socket
-from collections.abc import Coroutine
+import threading
+from collections.abc import Coroutine, Iterator
 from typing import Any
 
 import uvicorn
@@ -31,6 +34,24 @@ def run_async(main: Coroutine[Any, Any, None]) -> None:
         uvloop.run(main)
 
 
+class _Server(uvicorn.Server):
+    """uvicorn, but a SIGINT/SIGTERM ends in a graceful shutdown and exit status 0, instead of
+    re-raising the signal afterwards (which would print a KeyboardInterrupt trace)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        signals = (signal.SIGINT, signal.SIGTERM)
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in signals}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
+
+
 def server_for(app: Starlette, host: str, port: int, *, drain_s: float = 30.0) -> uvicorn.Server:
     config = uvicorn.Config(
         app,
@@ -42,7 +63,7 @@ def server_for(app: Starlette, host: str, port: int, *, drain_s: float = 30.0) -
         log_level="warning",
         timeout_graceful_shutdown=int(drain_s) or None,
     )
-    return uvicorn.Server(config)
+    return _Server(config)
 
 
 def refuse_taken_port(host: str, port: int) -> None:

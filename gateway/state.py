@@ -10,6 +10,7 @@ from gateway.admission import Admission
 from gateway.auth import Authenticator
 from gateway.catalog import ModelCatalog
 from gateway.clock import Clock
+from gateway.inflight import Inflight
 from gateway.metering import Meter
 from gateway.settings import Settings
 from gateway.tenancy.audit import AuditLog
@@ -32,6 +33,7 @@ class GatewayState:
     admission: Admission
     catalog: ModelCatalog
     upstream: Upstream
+    inflight: Inflight
 
 
 def gateway_state(request: Request) -> GatewayState:

@@ -4,6 +4,7 @@ import asyncio
 import os
 import secrets
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,10 +53,15 @@ def postgres_url() -> Iterator[str]:
         finally:
             await conn.close()
 
-    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    # In a thread of its own: this fixture may be set up from inside a running event loop.
+    def run(sql: str) -> None:
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(asyncio.run, admin(sql)).result()
+
+    run(f'CREATE DATABASE "{name}"')
     base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
     yield f"{base}/{name}"
-    asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @dataclass
@@ -116,6 +122,7 @@ def gateway_factory(tmp_path: Path, fake_engine_server: ServerThread) -> Iterato
         upstream: Upstream | None = None,
         clock: Clock | None = None,
         database_url: str | None = None,
+        graceful_s: int = 10,
         **overrides: Any,
     ) -> RunningGateway:
         values: dict[str, Any] = {
@@ -127,7 +134,7 @@ def gateway_factory(tmp_path: Path, fake_engine_server: ServerThread) -> Iterato
         values.update(overrides)
         settings = Settings(**values)
         app = create_app(settings, upstream=upstream, clock=clock)
-        running = RunningGateway(ServerThread(app).start(), settings)
+        running = RunningGateway(ServerThread(app, graceful_s=graceful_s).start(), settings)
         started.append(running)
         return running
 
