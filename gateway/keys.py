@@ -19,7 +19,7 @@ SECRET_LENGTH = 40
 _PUBLIC_ID_ALPHABET = string.ascii_lowercase + string.digits
 _SECRET_ALPHABET = string.ascii_letters + string.digits
 _KEY_PATTERN = re.compile(
-    rf"^{re.escape(KEY_PREFIX)}([a-z0-9]{{{PUBLIC_ID_LENGTH}}})-([A-Za-z0-9]{{{SECRET_LENGTH}}})$"
+    rf"{re.escape(KEY_PREFIX)}([a-z0-9]{{{PUBLIC_ID_LENGTH}}})-([A-Za-z0-9]{{{SECRET_LENGTH}}})"
 )
 
 
@@ -42,7 +42,7 @@ class NewKey:
 
 def parse_key(candidate: str) -> ParsedKey | None:
     """Split a presented key, or None when it is not shaped like one of ours."""
-    match = _KEY_PATTERN.match(candidate)
+    match = _KEY_PATTERN.fullmatch(candidate)
     if match is None:
         return None
     return ParsedKey(public_id=match.group(1), secret=match.group(2))

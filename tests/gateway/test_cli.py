@@ -126,15 +126,9 @@ def test_sluis_gateway_process_in_front_of_an_upstream(
     tmp_path: Path, fake_engine_server: ServerThread
 ) -> None:
     port = _free_port()
-    process = _sluis(
-        "gateway",
-        "--upstream",
-        fake_engine_server.url,
-        "--port",
-        str(port),
-        cwd=tmp_path,
-        env={"SLUIS_ADMIN_TOKEN": ADMIN_TOKEN},
-    )
+    args = ("gateway", "--upstream", fake_engine_server.url, "--port", str(port))
+    env = {"SLUIS_ADMIN_TOKEN": ADMIN_TOKEN}
+    process = _sluis(*args, cwd=tmp_path, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_ready(url, process)
@@ -148,15 +142,7 @@ def test_sluis_gateway_process_in_front_of_an_upstream(
         models = httpx.get(f"{url}/v1/models", headers={"authorization": f"Bearer {key}"})
         assert [m["id"] for m in models.json()["data"]] == ["fake-chat", "fake-embed"]
         # A second gateway on the same port is refused, not silently sharing it.
-        second = _sluis(
-            "gateway",
-            "--upstream",
-            fake_engine_server.url,
-            "--port",
-            str(port),
-            cwd=tmp_path,
-            env={"SLUIS_ADMIN_TOKEN": ADMIN_TOKEN},
-        )
+        second = _sluis(*args, cwd=tmp_path, env=env)
         out, _ = second.communicate(timeout=30)
         assert second.returncode == 2 and "already in use" in out
     finally:

@@ -32,6 +32,15 @@ def _open_stream(gateway: RunningGateway, key: str, body: dict[str, object]) -> 
     return sock
 
 
+def _slow_stream(max_tokens: int, content: str) -> dict[str, object]:
+    return {
+        "model": "fake-chat",
+        "max_tokens": max_tokens,
+        "stream": True,
+        "messages": [{"role": "user", "content": content}],
+    }
+
+
 def _read_events(sock: socket.socket, count: int) -> bytes:
     received = b""
     while received.count(b"data: ") < count:
@@ -46,13 +55,7 @@ def test_client_leaving_mid_stream_is_billed_what_it_received_and_aborts_upstrea
 ) -> None:
     key = gateway.create_tenant("acme")
     aborted_before = fake_engine.aborted
-    body = {
-        "model": "fake-chat",
-        "max_tokens": 200,
-        "stream": True,
-        "messages": [{"role": "user", "content": "one two three [[delay:0.05]]"}],
-    }
-    sock = _open_stream(gateway, key, body)
+    sock = _open_stream(gateway, key, _slow_stream(200, "one two three [[delay:0.05]]"))
     received = _read_events(sock, 5)  # the role chunk and at least four tokens
     sock.close()
     _wait_for(lambda: fake_engine.aborted == aborted_before + 1)
@@ -70,13 +73,7 @@ def test_client_leaving_mid_stream_is_billed_what_it_received_and_aborts_upstrea
 def test_gateway_shutdown_mid_stream_drains_the_record(gateway_factory: GatewayFactory) -> None:
     gateway = gateway_factory(graceful_s=1)
     key = gateway.create_tenant("acme")
-    body = {
-        "model": "fake-chat",
-        "max_tokens": 400,
-        "stream": True,
-        "messages": [{"role": "user", "content": "x [[delay:0.05]]"}],
-    }
-    sock = _open_stream(gateway, key, body)
+    sock = _open_stream(gateway, key, _slow_stream(400, "x [[delay:0.05]]"))
     received = _read_events(sock, 4)
     gateway.stop()  # SIGTERM-like: waits 1 s for the stream, then cuts it; then drains the meter
     sock.close()
