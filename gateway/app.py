@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import secrets
@@ -66,6 +67,7 @@ def create_app(
                 ledger,
                 spool=settings.state_dir / "usage-spool.jsonl",
                 batch_size=settings.meter_batch_size,
+                linger_s=settings.meter_linger_s,
             )
             await meter.start()
             app.state.sluis = GatewayState(
@@ -82,6 +84,10 @@ def create_app(
                 upstream=the_upstream,
                 inflight=inflight,
             )
+            # Start-up leaves ~10^5 long-lived objects (SQLAlchemy, pydantic, ...); freezing them
+            # keeps full garbage collections, which would scan them all, from pausing requests.
+            gc.collect()
+            gc.freeze()
             log.info("gateway ready: models %s", ", ".join(catalog.ids()) or "(none)")
             yield
         finally:

@@ -35,12 +35,15 @@ class Meter:
         *,
         spool: Path,
         batch_size: int = 500,
+        linger_s: float = 0.1,
         retry_initial_s: float = 0.1,
         retry_max_s: float = 5.0,
     ) -> None:
         self._sink = sink
         self._spool = spool
         self._batch_size = batch_size
+        self._linger_s = linger_s
+        self._hurry = asyncio.Event()
         self._retry_initial_s = retry_initial_s
         self._retry_max_s = retry_max_s
         self._queue: asyncio.Queue[UsageRecord] = asyncio.Queue()
@@ -65,6 +68,7 @@ class Meter:
 
     async def flush(self) -> None:
         """Wait until everything recorded so far is in the ledger."""
+        self._hurry.set()
         await self._idle.wait()
 
     async def aclose(self, *, drain_s: float) -> None:
@@ -88,6 +92,11 @@ class Meter:
         while True:
             if not self._pending:
                 self._pending.append(await self._queue.get())
+                # Linger a moment so that one transaction carries many records: a write costs
+                # about the same CPU for one record as for a hundred.
+                if self._queue.qsize() < self._batch_size - 1 and not self._hurry.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._hurry.wait(), self._linger_s)
             self._pending.extend(_take_all(self._queue, self._batch_size - len(self._pending)))
             try:
                 await self._sink.write(self._pending)
@@ -100,6 +109,7 @@ class Meter:
             self._pending = []
             delay = self._retry_initial_s
             if self._queue.empty():
+                self._hurry.clear()
                 self._idle.set()
 
     def _write_spool(self, records: list[UsageRecord]) -> None:

@@ -71,7 +71,8 @@ class Settings(BaseSettings):
     state_dir: Path = Path(".sluis")
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     key_cache_ttl_s: float = Field(default=5.0, ge=0)
-    meter_batch_size: int = Field(default=500, ge=1)
+    meter_batch_size: int = Field(default=200, ge=1)
+    meter_linger_s: float = Field(default=0.1, ge=0)
     shutdown_drain_s: float = Field(default=30.0, ge=0)
     file: FileConfig = FileConfig()
 

@@ -2,23 +2,28 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Table, func, select
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy import func, select
 
 from gateway.tenancy.database import Database
 from gateway.tenancy.errors import store_errors
 from gateway.tenancy.tables import tenants, usage_records
 from gateway.usage import UsageRecord
 
-_INSERTS: dict[str, Callable[[Table], Any]] = {
-    "postgresql": postgresql_insert,
-    "sqlite": sqlite_insert,
+_COLUMNS = tuple(column.name for column in usage_records.columns)
+_CREATED_AT = _COLUMNS.index("created_at")
+# Written with the driver's own executemany: SQLAlchemy's per-row parameter processing costs
+# more CPU than the database does, and it runs on the event loop.
+_INSERT_SQL = {
+    "sqlite": f"INSERT OR IGNORE INTO usage_records ({', '.join(_COLUMNS)}) "
+    f"VALUES ({', '.join('?' for _ in _COLUMNS)})",
+    "postgresql": f"INSERT INTO usage_records ({', '.join(_COLUMNS)}) "
+    f"VALUES ({', '.join(f'${i}' for i in range(1, len(_COLUMNS) + 1))}) "
+    "ON CONFLICT (request_id) DO NOTHING",
 }
 
 
@@ -55,18 +60,27 @@ class UsageTotal:
 class Ledger:
     def __init__(self, db: Database) -> None:
         self._db = db
-        self._insert = _INSERTS[db.dialect]
+        self._insert_sql = _INSERT_SQL[db.dialect]
+        self._naive_times = db.dialect == "sqlite"
 
     async def write(self, records: Sequence[UsageRecord]) -> None:
         """Insert records; one already present (same request id) is left as it is."""
         if not records:
             return
-        statement = self._insert(usage_records).on_conflict_do_nothing(
-            index_elements=["request_id"]
-        )
+        rows = [self._row(record) for record in records]
         with store_errors():
             async with self._db.engine.begin() as conn:
-                await conn.execute(statement, [record.to_row() for record in records])
+                await conn.exec_driver_sql(self._insert_sql, rows)
+
+    def _row(self, record: UsageRecord) -> tuple[Any, ...]:
+        row = record.to_row()
+        values = [row[name] for name in _COLUMNS]
+        created_at = values[_CREATED_AT].astimezone(UTC)
+        # SQLite keeps naive UTC text in SQLAlchemy's format, so that range queries compare.
+        values[_CREATED_AT] = (
+            created_at.strftime("%Y-%m-%d %H:%M:%S.%f") if self._naive_times else created_at
+        )
+        return tuple(values)
 
     async def totals(self, where: UsageFilter) -> list[UsageTotal]:
         u = usage_records

@@ -1,15 +1,20 @@
-"""An OpenAI-compatible server over HTTP (vLLM, SGLang, TGI, another Sluis, ...)."""
+"""An OpenAI-compatible server over HTTP (vLLM, SGLang, TGI, another Sluis, ...).
+
+One aiohttp session per process: pooled keep-alive connections (TCP_NODELAY), no client per
+request. Keep-alive is shorter than the servers' own (uvicorn closes idle connections after 5 s)
+so that a pooled connection is never reused just as the server closes it.
+"""
 
 from __future__ import annotations
 
-import socket
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
-import httpx
+import aiohttp
 import orjson
 
 from gateway.errors import (
+    SluisError,
     UpstreamFailed,
     UpstreamRejected,
     UpstreamTimeout,
@@ -19,108 +24,124 @@ from gateway.settings import UpstreamConfig
 from gateway.upstreams.base import UpstreamCall, UpstreamReply
 from gateway.upstreams.sse import iter_sse_data
 
-_NO_DELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
+KEEPALIVE_S = 4.0
 
 
 class HTTPUpstream:
-    """One pooled client for the process: connections are kept alive and reused."""
-
-    def __init__(
-        self, config: UpstreamConfig, *, transport: httpx.AsyncBaseTransport | None = None
-    ) -> None:
+    def __init__(self, config: UpstreamConfig) -> None:
         if not config.url:
             raise ValueError("an http upstream needs a url")
-        self._base = config.url.rstrip("/")
-        if not self._base.endswith("/v1"):
-            self._base += "/v1"
-        headers = {"content-type": "application/json"}
+        base = config.url.rstrip("/")
+        self._base = base if base.endswith("/v1") else base + "/v1"
+        self._config = config
+        self._headers = {"content-type": "application/json"}
         if config.api_key is not None:
-            headers["authorization"] = f"Bearer {config.api_key.get_secret_value()}"
-        limits = httpx.Limits(
-            max_connections=config.max_connections,
-            max_keepalive_connections=config.max_connections,
-            keepalive_expiry=60,
-        )
-        self._client = httpx.AsyncClient(
-            base_url=self._base,
-            headers=headers,
-            timeout=httpx.Timeout(config.read_timeout_s, connect=config.connect_timeout_s),
-            transport=transport
-            or httpx.AsyncHTTPTransport(limits=limits, socket_options=_NO_DELAY, retries=0),
-        )
+            self._headers["authorization"] = f"Bearer {config.api_key.get_secret_value()}"
+        self._session: aiohttp.ClientSession | None = None
 
     @property
     def url(self) -> str:
         return self._base
 
-    async def list_models(self) -> list[str]:
-        try:
-            response = await self._client.get("/models")
-        except (httpx.TransportError, httpx.TimeoutException) as exc:
-            raise _unavailable(self._base) from exc
-        if response.status_code != 200:
-            raise UpstreamUnavailable(
-                f"The model server answered {response.status_code} to /models."
+    def _client(self) -> aiohttp.ClientSession:
+        # Created on first use, inside the running event loop that will use it.
+        if self._session is None:
+            connector = aiohttp.TCPConnector(
+                limit=self._config.max_connections,
+                keepalive_timeout=KEEPALIVE_S,
+                ttl_dns_cache=300,
             )
-        return [entry["id"] for entry in response.json().get("data", [])]
+            timeout = aiohttp.ClientTimeout(
+                total=None,
+                sock_connect=self._config.connect_timeout_s,
+                sock_read=self._config.read_timeout_s,
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=timeout,
+                headers=self._headers,
+                auto_decompress=False,
+                skip_auto_headers=("User-Agent",),
+            )
+        return self._session
+
+    async def list_models(self) -> list[str]:
+        with self._transport_errors():
+            async with self._client().get(self._base + "/models") as response:
+                if response.status != 200:
+                    raise UpstreamUnavailable(
+                        f"The model server answered {response.status} to /models."
+                    )
+                payload = orjson.loads(await response.read())
+        return [entry["id"] for entry in payload.get("data", [])]
 
     async def send(self, call: UpstreamCall) -> UpstreamReply:
-        try:
-            response = await self._client.post(
-                "/" + call.endpoint,
-                content=orjson.dumps(call.body),
+        with self._transport_errors():
+            async with self._client().post(
+                f"{self._base}/{call.endpoint}",
+                data=orjson.dumps(call.body),
                 headers={"x-request-id": call.request_id},
-            )
-        except httpx.TimeoutException as exc:
-            if isinstance(exc, httpx.ConnectTimeout):
-                raise _unavailable(self._base) from exc
-            raise UpstreamTimeout("The model server did not answer in time.") from exc
-        except httpx.TransportError as exc:
-            raise _unavailable(self._base) from exc
-        return UpstreamReply(status=response.status_code, body=response.content)
+            ) as response:
+                return UpstreamReply(status=response.status, body=await response.read())
 
     @asynccontextmanager
     async def stream(self, call: UpstreamCall) -> AsyncIterator[AsyncIterator[bytes]]:
-        request = self._client.build_request(
-            "POST",
-            "/" + call.endpoint,
-            content=orjson.dumps(call.body),
-            headers={"x-request-id": call.request_id, "accept": "text/event-stream"},
-        )
+        with self._transport_errors():
+            response = await self._client().post(
+                f"{self._base}/{call.endpoint}",
+                data=orjson.dumps(call.body),
+                headers={"x-request-id": call.request_id, "accept": "text/event-stream"},
+            )
         try:
-            response = await self._client.send(request, stream=True)
-        except httpx.TimeoutException as exc:
-            if isinstance(exc, httpx.ConnectTimeout):
-                raise _unavailable(self._base) from exc
-            raise UpstreamTimeout("The model server did not answer in time.") from exc
-        except httpx.TransportError as exc:
-            raise _unavailable(self._base) from exc
-        try:
-            if response.status_code != 200:
-                await response.aread()
-                raise reply_error(UpstreamReply(response.status_code, response.content))
+            if response.status != 200:
+                with self._transport_errors():
+                    body = await response.read()
+                raise reply_error(UpstreamReply(response.status, body))
             yield _events(response)
         finally:
-            # Closing the response closes its connection mid-stream, which is how an
-            # OpenAI-compatible server learns to abort the generation.
-            await response.aclose()
+            if response.content.at_eof():
+                response.release()
+            else:
+                # Closing the connection mid-stream is how an OpenAI-compatible server learns
+                # to abort the generation.
+                response.close()
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        if self._session is not None:
+            await self._session.close()
+
+    @contextmanager
+    def _transport_errors(self) -> Iterator[None]:
+        try:
+            yield
+        except SluisError:
+            raise
+        except aiohttp.ClientConnectorError as exc:
+            raise _unavailable(self._base) from exc
+        except (aiohttp.ConnectionTimeoutError, aiohttp.SocketTimeoutError) as exc:
+            if isinstance(exc, aiohttp.ConnectionTimeoutError):
+                raise _unavailable(self._base) from exc
+            raise UpstreamTimeout("The model server did not answer in time.") from exc
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise UpstreamFailed("The model server closed the connection.") from exc
 
 
-async def _events(response: httpx.Response) -> AsyncIterator[bytes]:
+async def _events(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
     try:
-        async for data in iter_sse_data(response.aiter_raw()):
+        async for data in iter_sse_data(response.content.iter_any()):
             yield data
-    except (httpx.TransportError, httpx.TimeoutException) as exc:
+    except (TimeoutError, aiohttp.ClientError) as exc:
         raise UpstreamFailed("The model server's stream broke off.") from exc
 
 
-def reply_error(reply: UpstreamReply) -> UpstreamRejected | UpstreamFailed:
+def reply_error(reply: UpstreamReply) -> UpstreamRejected | UpstreamFailed | UpstreamUnavailable:
     """The error to give the client for an upstream error reply."""
     message, code = _error_details(reply.body)
-    if 400 <= reply.status < 500 and reply.status not in (401, 403, 407, 429):
+    if reply.status in (429, 503):
+        return UpstreamUnavailable(
+            "The model server is at capacity; try again shortly.", code="upstream_overloaded"
+        )
+    if 400 <= reply.status < 500 and reply.status not in (401, 403, 407):
         # The client's request was at fault (e.g. longer than the model's context).
         return UpstreamRejected(
             reply.status, message or "The model server rejected the request.", code=code
