@@ -8,7 +8,7 @@ import signal
 import socket
 import threading
 from collections.abc import Coroutine, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import uvicorn
 from starlette.applications import Starlette
@@ -22,16 +22,16 @@ from gateway.state import GatewayState
 from gateway.upstreams.fake import FakeUpstream
 
 DEMO_TENANT = "demo"
+T = TypeVar("T")
 
 
-def run_async(main: Coroutine[Any, Any, None]) -> None:
-    """Run a server coroutine on uvloop when it is installed (it is, with uvicorn[standard])."""
+def run_async(main: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine on uvloop when it is installed (it is, with uvicorn[standard])."""
     try:
         import uvloop
     except ImportError:
-        asyncio.run(main)
-    else:
-        uvloop.run(main)
+        return asyncio.run(main)
+    return uvloop.run(main)
 
 
 class _Server(uvicorn.Server):

@@ -13,7 +13,6 @@ under test (Sluis or LiteLLM, one worker each) gets core 1 to itself. Sluis runs
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import sys
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import httpx
 
+from gateway.serve import run_async as run_loop
 from loadtests.httpload import Sample, Target, closed_loop, open_loop
 from loadtests.processes import Process, free_port, pinned
 
@@ -39,7 +39,27 @@ BODY = json.dumps(
         "max_tokens": 16,
     }
 ).encode()
-RATES = (25, 50, 100, 150, 200, 300, 400, 600, 800, 1000, 1250, 1500, 2000, 2500, 3000, 4000)
+RATES = (
+    25,
+    50,
+    100,
+    150,
+    200,
+    300,
+    400,
+    600,
+    800,
+    1000,
+    1100,
+    1250,
+    1400,
+    1500,
+    1750,
+    2000,
+    2500,
+    3000,
+    4000,
+)
 ADDED_P99_BUDGET_S = 0.010
 
 
@@ -162,7 +182,9 @@ async def sweep(
         if rate not in direct_p99:
             direct_p99[rate] = (await open_loop(direct, rate=rate, seconds=step_s)).percentile(99)
         sample = await open_loop(proxy.target, rate=rate, seconds=step_s)
-        added = sample.percentile(99) - direct_p99[rate]
+        if not _within_budget(sample, direct_p99[rate]):
+            # These machines are shared: a step fails only if it fails twice running.
+            sample = await open_loop(proxy.target, rate=rate, seconds=step_s)
         result.sweep.append(
             {
                 "rate": rate,
@@ -176,9 +198,13 @@ async def sweep(
             f"(direct {ms(direct_p99[rate])} ms), errors {sample.errors}",
             flush=True,
         )
-        if sample.errors or added > ADDED_P99_BUDGET_S:
+        if not _within_budget(sample, direct_p99[rate]):
             return
         result.best_rate = rate
+
+
+def _within_budget(sample: Sample, direct_p99: float) -> bool:
+    return sample.errors == 0 and sample.percentile(99) - direct_p99 <= ADDED_P99_BUDGET_S
 
 
 def report(results: dict[str, Result]) -> str:
@@ -192,7 +218,7 @@ def report(results: dict[str, Result]) -> str:
     for name, result in results.items():
         sample = result.latency
         added = (
-            "| |"
+            "| | |"
             if name == "direct"
             else f"| {ms(sample.percentile(50) - direct.latency.percentile(50))} | "
             f"{ms(sample.percentile(99) - direct.latency.percentile(99))} |"
@@ -236,7 +262,7 @@ def main() -> int:
     upstream, upstream_url = start_upstream(workdir)
     try:
         direct = Target.post_json(f"{upstream_url}/chat/completions", BODY, {})
-        results["direct"] = asyncio.run(
+        results["direct"] = run_loop(
             measure(direct, requests=args.requests, step_s=args.step_seconds)
         )
         direct_p99: dict[int, float] = {}
@@ -244,14 +270,14 @@ def main() -> int:
         for name, start in starters:
             process, proxy = start(upstream_url)
             try:
-                result = asyncio.run(
+                result = run_loop(
                     measure(proxy.target, requests=args.requests, step_s=args.step_seconds)
                 )
                 print(
                     f"  {name}: {result.saturated.throughput:.0f} requests/s at concurrency 32",
                     flush=True,
                 )
-                asyncio.run(sweep(proxy, direct, direct_p99, result, step_s=args.step_seconds))
+                run_loop(sweep(proxy, direct, direct_p99, result, step_s=args.step_seconds))
                 results[name] = result
             finally:
                 process.stop()

@@ -5,7 +5,9 @@ a slow server cannot hide its queueing: no coordinated omission)."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -111,16 +113,7 @@ async def closed_loop(
         nonlocal remaining
         while remaining > 0 and time.perf_counter() < deadline:
             remaining -= 1
-            start = time.perf_counter()
-            try:
-                status = await pool.call()
-            except (OSError, asyncio.IncompleteReadError, ValueError):
-                sample.errors += 1
-                continue
-            if status == 200:
-                sample.latencies.append(time.perf_counter() - start)
-            else:
-                sample.errors += 1
+            await _timed(pool.call(), sample, since=time.perf_counter())
 
     began = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -139,17 +132,11 @@ async def open_loop(
     tasks: set[asyncio.Task[None]] = set()
 
     async def one(scheduled: float) -> None:
-        try:
-            status = await asyncio.wait_for(pool.call(), give_up_s)
-        except (OSError, asyncio.IncompleteReadError, ValueError, TimeoutError):
-            sample.errors += 1
-            return
-        if status == 200:
-            sample.latencies.append(time.perf_counter() - scheduled)
-        else:
-            sample.errors += 1
+        await _timed(asyncio.wait_for(pool.call(), give_up_s), sample, since=scheduled)
 
     count = int(rate * seconds)
+    # A collection pause in the load generator would be charged to the server under test.
+    gc.disable()
     for i in range(count):
         scheduled = began + i * interval
         delay = scheduled - time.perf_counter()
@@ -161,5 +148,19 @@ async def open_loop(
     if tasks:
         await asyncio.wait(set(tasks))
     sample.elapsed = time.perf_counter() - began
+    gc.enable()
     pool.close()
     return sample
+
+
+async def _timed(call: Awaitable[int], sample: Sample, *, since: float) -> None:
+    """Await one call; a 200 adds its latency (from `since`), anything else counts as an error."""
+    try:
+        status = await call
+    except (OSError, asyncio.IncompleteReadError, ValueError, TimeoutError):
+        sample.errors += 1
+        return
+    if status == 200:
+        sample.latencies.append(time.perf_counter() - since)
+    else:
+        sample.errors += 1

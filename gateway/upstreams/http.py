@@ -1,8 +1,9 @@
 """An OpenAI-compatible server over HTTP (vLLM, SGLang, TGI, another Sluis, ...).
 
-One aiohttp session per process: pooled keep-alive connections (TCP_NODELAY), no client per
-request. Keep-alive is shorter than the servers' own (uvicorn closes idle connections after 5 s)
-so that a pooled connection is never reused just as the server closes it.
+One aiohttp session per process: pooled keep-alive connections (aiohttp sets TCP_NODELAY on
+every connection), no client per request. Keep-alive is shorter than the servers' own (uvicorn
+closes idle connections after 5 s) so that a pooled connection is never reused just as the
+server closes it.
 """
 
 from __future__ import annotations
