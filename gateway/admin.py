@@ -18,6 +18,7 @@ from gateway.middleware import AdminGuard
 from gateway.state import GatewayState, gateway_state
 from gateway.tenancy.ledger import UsageFilter
 from gateway.tenancy.records import ALL_MODELS
+from quotas.policy import QuotaPolicy
 
 _ADMIN_BODY_LIMIT = 64 * 1024
 _Body = TypeVar("_Body", bound=BaseModel)
@@ -31,12 +32,15 @@ class CreateTenant(_Input):
     name: str
     models: list[str] = Field(default_factory=list)
     metadata: dict[str, Any] = Field(default_factory=dict)
+    quotas: QuotaPolicy | None = None
 
 
 class UpdateTenant(_Input):
     models: list[str] | None = None
     metadata: dict[str, Any] | None = None
     status: Literal["active", "suspended"] | None = None
+    # Replaces the tenant's quota settings; fields left out follow the defaults, null = unlimited.
+    quotas: QuotaPolicy | None = None
 
 
 class CreateKey(_Input):
@@ -56,6 +60,7 @@ async def create_tenant(request: Request) -> Response:
         models=_known_models(state, data.models),
         metadata=data.metadata,
         actor=_actor(request),
+        quotas=_quota_settings(state, data.quotas),
     )
     return _json(tenant.to_json(), 201)
 
@@ -79,9 +84,25 @@ async def update_tenant(request: Request) -> Response:
         models=None if data.models is None else _known_models(state, data.models),
         metadata=data.metadata,
         status=data.status,
+        quotas=_quota_settings(state, data.quotas),
     )
     state.authenticator.invalidate()
     return _json(tenant.to_json())
+
+
+async def tenant_quota(request: Request) -> Response:
+    state = gateway_state(request)
+    tenant = await state.tenants.get_tenant(request.path_params["ref"])
+    policy = state.quotas.policy_for(tenant.quotas)
+    limits = await state.quotas.report(tenant.id, policy)
+    return _json(
+        {
+            "object": "quota",
+            "tenant": tenant.name,
+            "policy": policy.model_dump(exclude_none=True),
+            "limits": limits,
+        }
+    )
 
 
 async def create_key(request: Request) -> Response:
@@ -155,6 +176,7 @@ def admin_mount(token: str) -> Mount:
         Route("/tenants", list_tenants, methods=["GET"]),
         Route("/tenants/{ref}", get_tenant, methods=["GET"]),
         Route("/tenants/{ref}", update_tenant, methods=["PATCH"]),
+        Route("/tenants/{ref}/quota", tenant_quota, methods=["GET"]),
         Route("/tenants/{ref}/keys", create_key, methods=["POST"]),
         Route("/tenants/{ref}/keys", list_keys, methods=["GET"]),
         Route("/keys/{key_id}", revoke_key, methods=["DELETE"]),
@@ -188,6 +210,13 @@ def _known_models(state: GatewayState, models: list[str]) -> tuple[str, ...]:
                 param="models",
             )
     return tuple(dict.fromkeys(models))
+
+
+def _quota_settings(state: GatewayState, quotas: QuotaPolicy | None) -> dict[str, Any] | None:
+    if quotas is None:
+        return None
+    _known_models(state, list(quotas.models))
+    return quotas.model_dump(exclude_unset=True)
 
 
 async def _usage_filter(request: Request, state: GatewayState) -> UsageFilter:

@@ -7,10 +7,11 @@ every path (success, error, disconnect, shutdown). Quotas plug in here; `OpenAdm
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from gateway.auth import Principal
 from gateway.catalog import Model
+from gateway.upstreams.base import Endpoint
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,6 +19,8 @@ class AdmissionRequest:
     principal: Principal
     model: Model
     request_id: str
+    endpoint: Endpoint
+    body: dict[str, Any]
     max_completion_tokens: int | None
 
 
@@ -26,6 +29,8 @@ class Admitted:
     """A granted admission; `headers` go on the answer (e.g. `x-ratelimit-*`)."""
 
     headers: dict[str, str] = field(default_factory=dict)
+    # Whatever the admission needs to settle it later (quotas: the reserved checks).
+    reservation: Any = None
 
 
 class Admission(Protocol):

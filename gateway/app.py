@@ -17,8 +17,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from billing.prices import PriceBook
 from gateway.admin import admin_mount
-from gateway.admission import Admission, OpenAdmission
+from gateway.admission import Admission
 from gateway.auth import Authenticator
 from gateway.catalog import Model, ModelCatalog
 from gateway.clock import Clock, SystemClock
@@ -26,6 +27,7 @@ from gateway.errors import SluisError, UpstreamUnavailable, error_body
 from gateway.health import healthz, readyz
 from gateway.inflight import Inflight
 from gateway.metering import Meter
+from gateway.metrics import Metrics
 from gateway.middleware import RequestIdMiddleware
 from gateway.proxy import tenant_routes
 from gateway.settings import ConfigError, Settings
@@ -36,6 +38,8 @@ from gateway.tenancy.ledger import Ledger
 from gateway.tenancy.tenants import TenantStore
 from gateway.upstreams.base import Upstream
 from gateway.upstreams.registry import build_upstream
+from quotas.admission import QuotaAdmission
+from quotas.stores import build_store
 
 log = logging.getLogger("sluis.gateway")
 
@@ -48,8 +52,10 @@ def create_app(
     upstream: Upstream | None = None,
     clock: Clock | None = None,
     admission: Admission | None = None,
+    metrics: Metrics | None = None,
 ) -> Starlette:
     clock = clock or SystemClock()
+    metrics = metrics or Metrics()
     admin_token = resolve_admin_token(settings)
 
     @asynccontextmanager
@@ -58,6 +64,16 @@ def create_app(
         the_upstream = upstream or build_upstream(settings.upstream())
         meter: Meter | None = None
         inflight = Inflight()
+        quotas = QuotaAdmission(
+            build_store(settings),
+            defaults=settings.file.quotas,
+            prices=PriceBook(settings.file.prices),
+            clock=clock,
+            metrics=metrics,
+            fail_mode=settings.quota_fail_mode,
+            timeout_s=settings.quota_timeout_s,
+            lease_s=settings.quota_lease_s,
+        )
         try:
             await database.migrate()
             catalog = await build_catalog(settings, the_upstream)
@@ -79,7 +95,9 @@ def create_app(
                 audit=AuditLog(database),
                 meter=meter,
                 authenticator=Authenticator(tenants, clock, cache_ttl_s=settings.key_cache_ttl_s),
-                admission=admission or OpenAdmission(),
+                admission=admission or quotas,
+                quotas=quotas,
+                metrics=metrics,
                 catalog=catalog,
                 upstream=the_upstream,
                 inflight=inflight,
@@ -94,6 +112,7 @@ def create_app(
             # Streams cut by the server's shutdown still write their usage records: wait for them.
             if not await inflight.wait_idle(limit_s=5):
                 log.warning("%d requests still in flight at shutdown", inflight.count)
+            await quotas.aclose(drain_s=5)
             if meter is not None:
                 await meter.aclose(drain_s=settings.shutdown_drain_s)
                 log.info("gateway stopped; %d usage records written", meter.written)
@@ -124,7 +143,12 @@ async def build_catalog(settings: Settings, upstream: Upstream) -> ModelCatalog:
     if settings.file.models:
         return ModelCatalog(
             Model(
-                id=m.id, task=m.task, upstream_model=m.upstream_model or m.id, owned_by=m.owned_by
+                id=m.id,
+                task=m.task,
+                upstream_model=m.upstream_model or m.id,
+                owned_by=m.owned_by,
+                tokenizer=m.tokenizer,
+                max_output_tokens=m.max_output_tokens,
             )
             for m in settings.file.models
         )

@@ -17,6 +17,8 @@ class Model:
     task: Task
     upstream_model: str
     owned_by: str = "sluis"
+    tokenizer: str = "bytes"
+    max_output_tokens: int = 4096
 
 
 class ModelCatalog:

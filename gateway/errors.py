@@ -7,6 +7,7 @@ SluisError
  ├── NotFound                404 not_found_error
  ├── Conflict                409 conflict_error
  ├── PayloadTooLarge         413 invalid_request_error
+ ├── RateLimited             429 rate_limit_error (with Retry-After and x-ratelimit-* headers)
  ├── UpstreamRejected        4xx passed on from the model server (its own status and message)
  ├── UpstreamFailed          502 upstream_error
  ├── UpstreamTimeout         504 upstream_error
@@ -90,6 +91,21 @@ class PayloadTooLarge(SluisError):
     status = 413
     type = "invalid_request_error"
     default_code = "request_too_large"
+
+
+class RateLimited(SluisError):
+    status = 429
+    type = "rate_limit_error"
+    default_code = "rate_limit_exceeded"
+
+    def __init__(
+        self, message: str, *, code: str, retry_after: int, headers: dict[str, str]
+    ) -> None:
+        super().__init__(message, code=code, retry_after=retry_after)
+        self._extra_headers = headers
+
+    def headers(self) -> dict[str, str]:
+        return {**self._extra_headers, **super().headers()}
 
 
 class UpstreamRejected(SluisError):

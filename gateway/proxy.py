@@ -78,6 +78,8 @@ async def _forward(request: Request, endpoint: Endpoint) -> Response | StreamRel
             principal=principal,
             model=model,
             request_id=rid,
+            endpoint=endpoint,
+            body=body,
             max_completion_tokens=max_tokens,
         )
     )

@@ -14,6 +14,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from billing.prices import ModelPrice
+from quotas.policy import QuotaPolicy
+
 DEFAULT_CONFIG_FILE = Path("sluis.yaml")
 
 
@@ -42,11 +45,18 @@ class ModelConfig(_Strict):
     task: Literal["generate", "embed"] = "generate"
     upstream_model: str | None = None
     owned_by: str = "sluis"
+    # How prompts are counted for quota reservations (see gateway/tokens.py).
+    tokenizer: Literal["whitespace", "bytes"] = "bytes"
+    # What a request without max_tokens may generate at most: its reservation.
+    max_output_tokens: int = Field(default=4096, ge=1)
 
 
 class FileConfig(_Strict):
     upstream: UpstreamConfig = UpstreamConfig()
     models: tuple[ModelConfig, ...] = ()
+    # Quotas every tenant gets unless its own say otherwise; unset fields are unlimited.
+    quotas: QuotaPolicy = QuotaPolicy()
+    prices: dict[str, ModelPrice] = Field(default_factory=dict)
 
     @field_validator("models")
     @classmethod
@@ -73,6 +83,11 @@ class Settings(BaseSettings):
     key_cache_ttl_s: float = Field(default=5.0, ge=0)
     meter_batch_size: int = Field(default=200, ge=1)
     meter_linger_s: float = Field(default=0.1, ge=0)
+    redis_url: str | None = None
+    quota_fail_mode: Literal["open", "closed"] | None = None
+    quota_timeout_s: float = Field(default=0.25, gt=0)
+    # How long a reservation or concurrency lease lives if its gateway never settles it.
+    quota_lease_s: float = Field(default=900.0, gt=0)
     shutdown_drain_s: float = Field(default=30.0, ge=0)
     file: FileConfig = FileConfig()
 

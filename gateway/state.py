@@ -12,12 +12,14 @@ from gateway.catalog import ModelCatalog
 from gateway.clock import Clock
 from gateway.inflight import Inflight
 from gateway.metering import Meter
+from gateway.metrics import Metrics
 from gateway.settings import Settings
 from gateway.tenancy.audit import AuditLog
 from gateway.tenancy.database import Database
 from gateway.tenancy.ledger import Ledger
 from gateway.tenancy.tenants import TenantStore
 from gateway.upstreams.base import Upstream
+from quotas.admission import QuotaAdmission
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +36,8 @@ class GatewayState:
     catalog: ModelCatalog
     upstream: Upstream
     inflight: Inflight
+    quotas: QuotaAdmission
+    metrics: Metrics
 
 
 def gateway_state(request: Request) -> GatewayState:

@@ -25,6 +25,8 @@ class Tenant:
     metadata: dict[str, Any] = field(hash=False)
     created_at: datetime
     updated_at: datetime
+    # The tenant's own quota settings, overlaid on the defaults (see quotas/policy.py).
+    quotas: dict[str, Any] = field(default_factory=dict, hash=False)
 
     def allows(self, model_id: str) -> bool:
         return ALL_MODELS in self.models or model_id in self.models
@@ -37,6 +39,7 @@ class Tenant:
             "status": self.status,
             "models": list(self.models),
             "metadata": self.metadata,
+            "quotas": self.quotas,
             "created_at": _iso(self.created_at),
             "updated_at": _iso(self.updated_at),
         }

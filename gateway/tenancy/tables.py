@@ -55,6 +55,7 @@ tenants = Table(
     Column("metadata", JSON, nullable=False),
     Column("created_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
+    Column("quotas", JSON, nullable=False, server_default="{}"),
 )
 
 api_keys = Table(

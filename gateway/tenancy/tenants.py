@@ -37,6 +37,7 @@ class TenantStore:
         models: tuple[str, ...],
         metadata: dict[str, Any],
         actor: str,
+        quotas: dict[str, Any] | None = None,
     ) -> Tenant:
         if not TENANT_NAME.match(name):
             raise InvalidRequest(
@@ -52,6 +53,7 @@ class TenantStore:
             metadata=metadata,
             created_at=now,
             updated_at=now,
+            quotas=quotas or {},
         )
         try:
             with store_errors():
@@ -63,6 +65,7 @@ class TenantStore:
                             status=tenant.status,
                             models=list(tenant.models),
                             metadata=tenant.metadata,
+                            quotas=tenant.quotas,
                             created_at=now,
                             updated_at=now,
                         )
@@ -101,8 +104,11 @@ class TenantStore:
         models: tuple[str, ...] | None = None,
         metadata: dict[str, Any] | None = None,
         status: TenantStatus | None = None,
+        quotas: dict[str, Any] | None = None,
     ) -> Tenant:
         changes: dict[str, Any] = {}
+        if quotas is not None:
+            changes["quotas"] = quotas
         if models is not None:
             changes["models"] = list(models)
         if metadata is not None:
@@ -265,6 +271,7 @@ class TenantStore:
             metadata=dict(mapping[tenants.c.metadata]),
             created_at=mapping[tenants.c.created_at],
             updated_at=mapping[tenants.c.updated_at],
+            quotas=dict(mapping[tenants.c.quotas]),
         )
         return KeyGrant(key=key, secret_hash=mapping[api_keys.c.secret_hash], tenant=tenant)
 
@@ -326,6 +333,7 @@ def _tenant(row: Row[Any]) -> Tenant:
         metadata=dict(row.metadata),
         created_at=row.created_at,
         updated_at=row.updated_at,
+        quotas=dict(row.quotas),
     )
 
 

@@ -1,0 +1,231 @@
+"""Quota admission for the gateway: reserve at admission, reconcile at the end.
+
+Store failures are decided here and nowhere else: `open` admits without quotas, `closed` refuses
+with 503. Unset, the mode is closed for tenants with a budget (money must not leak) and open for
+those with rate limits only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from billing.prices import PriceBook
+from gateway.admission import AdmissionRequest, Admitted
+from gateway.clock import Clock
+from gateway.errors import RateLimited, StoreUnavailable
+from gateway.metrics import Metrics
+from gateway.tokens import count_prompt_tokens
+from quotas.checks import Check, CheckState, Decision
+from quotas.plan import Usage, actual_costs, plan_checks, scoped_checks
+from quotas.policy import QuotaPolicy, effective_policy
+from quotas.store import QuotaStore, StoreFailure
+
+log = logging.getLogger("sluis.quotas")
+
+FailMode = Literal["open", "closed"]
+_SETTLE_RETRIES_S = (0.5, 1, 2, 5, 10, 30, 60)
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    checks: list[Check]
+    request_id: str
+    model_id: str
+    admitted_at: float
+
+
+class QuotaAdmission:
+    def __init__(
+        self,
+        store: QuotaStore,
+        *,
+        defaults: QuotaPolicy,
+        prices: PriceBook,
+        clock: Clock,
+        metrics: Metrics,
+        fail_mode: FailMode | None,
+        timeout_s: float,
+        lease_s: float,
+    ) -> None:
+        self._store = store
+        self._defaults = defaults
+        self._prices = prices
+        self._clock = clock
+        self._metrics = metrics
+        self._fail_mode = fail_mode
+        self._timeout_s = timeout_s
+        self._lease_s = lease_s
+        self._retries: set[asyncio.Task[None]] = set()
+
+    def policy_for(self, quotas: dict[str, object]) -> QuotaPolicy:
+        return effective_policy(self._defaults, quotas)
+
+    async def admit(self, request: AdmissionRequest) -> Admitted:
+        tenant = request.principal.tenant
+        policy = self.policy_for(tenant.quotas)
+        model = request.model
+        prompt = count_prompt_tokens(request.endpoint, request.body, model.tokenizer)
+        completion = request.max_completion_tokens or model.max_output_tokens
+        if request.endpoint.value == "embeddings":
+            completion = 0
+        now = self._clock.now()
+        checks = plan_checks(
+            policy,
+            tenant_id=tenant.id,
+            model_id=model.id,
+            reserve=Usage(prompt, completion),
+            prices=self._prices,
+            now=now,
+            lease_s=self._lease_s,
+        )
+        if not checks:
+            return Admitted()
+        try:
+            decision = await asyncio.wait_for(
+                self._store.admit(checks, request.request_id, now.timestamp()), self._timeout_s
+            )
+        except (StoreFailure, TimeoutError) as exc:
+            self._store_failed(policy, "admit", exc)
+            return Admitted()
+        if not decision.allowed:
+            raise self._refusal(checks, decision, tenant.name)
+        return Admitted(
+            headers=rate_limit_headers(checks, decision.states),
+            reservation=Reservation(checks, request.request_id, model.id, now.timestamp()),
+        )
+
+    async def report(self, tenant_id: str, policy: QuotaPolicy) -> list[dict[str, object]]:
+        """The current state of every limit of a tenant, for the admin API."""
+        now = self._clock.now()
+        scoped = scoped_checks(
+            policy, tenant_id=tenant_id, prices=self._prices, now=now, lease_s=self._lease_s
+        )
+        if not scoped:
+            return []
+        try:
+            states = await asyncio.wait_for(
+                self._store.state([check for _, check in scoped], now.timestamp()), self._timeout_s
+            )
+        except (StoreFailure, TimeoutError) as exc:
+            raise StoreUnavailable("The quota store is unavailable; try again shortly.") from exc
+        return [
+            {
+                "scope": scope,
+                "limit": check.code,
+                "kind": check.kind.value,
+                "key": check.key,
+                "max": check.limit,
+                "used": state.used,
+                "reserved": state.reserved,
+                "remaining": state.remaining,
+                "reset_s": round(state.reset_s, 3),
+            }
+            for (scope, check), state in zip(scoped, states, strict=True)
+        ]
+
+    async def settle(
+        self, admitted: Admitted, *, prompt_tokens: int, completion_tokens: int
+    ) -> None:
+        reservation = admitted.reservation
+        if not isinstance(reservation, Reservation):
+            return
+        actual = actual_costs(
+            reservation.checks,
+            Usage(prompt_tokens, completion_tokens),
+            self._prices,
+            reservation.model_id,
+        )
+        try:
+            await self._settle(reservation, actual)
+        except (StoreFailure, TimeoutError) as exc:
+            self._metrics.quota_store_failures.labels("retry", "settle").inc()
+            log.warning("quota settle failed (%s); retrying in the background", exc)
+            task = asyncio.create_task(self._settle_with_retries(reservation, actual))
+            self._retries.add(task)
+            task.add_done_callback(self._retries.discard)
+
+    async def aclose(self, *, drain_s: float) -> None:
+        if self._retries:
+            await asyncio.wait(set(self._retries), timeout=drain_s)
+        for task in list(self._retries):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self._store.aclose()
+
+    async def _settle(self, reservation: Reservation, actual: Sequence[int]) -> None:
+        await asyncio.wait_for(
+            self._store.settle(
+                reservation.checks,
+                reservation.request_id,
+                actual,
+                reservation.admitted_at,
+                self._clock.now().timestamp(),
+            ),
+            self._timeout_s,
+        )
+
+    async def _settle_with_retries(self, reservation: Reservation, actual: Sequence[int]) -> None:
+        for delay in _SETTLE_RETRIES_S:
+            await asyncio.sleep(delay)
+            try:
+                await self._settle(reservation, actual)
+                return
+            except (StoreFailure, TimeoutError):
+                continue
+        log.error("gave up settling quota reservation %s", reservation.request_id)
+
+    def _store_failed(self, policy: QuotaPolicy, operation: str, exc: Exception) -> None:
+        """The one place where a store failure becomes a decision."""
+        mode = self._fail_mode or ("closed" if policy.has_budget() else "open")
+        self._metrics.quota_store_failures.labels(mode, operation).inc()
+        log.warning("quota store failed (%s): failing %s", exc or type(exc).__name__, mode)
+        if mode == "closed":
+            raise StoreUnavailable(
+                "The quota store is unavailable; try again shortly.",
+                retry_after=max(1, math.ceil(self._timeout_s)),
+            )
+
+    def _refusal(self, checks: list[Check], decision: Decision, tenant: str) -> RateLimited:
+        assert decision.failed is not None
+        check = checks[decision.failed]
+        self._metrics.quota_rejections.labels(tenant, check.code).inc()
+        state = decision.states[0] if decision.states else None
+        headers = rate_limit_headers([check], [state]) if state else {}
+        if decision.never:
+            message = (
+                f"This request needs {check.cost} against a limit of {check.limit} "
+                f"({check.code}); it can never be admitted within that limit."
+            )
+        else:
+            message = f"Quota exceeded ({check.code}); retry after the Retry-After interval."
+        return RateLimited(
+            message,
+            code=check.code,
+            retry_after=max(1, math.ceil(decision.retry_after_s)),
+            headers=headers,
+        )
+
+
+def rate_limit_headers(
+    checks: Sequence[Check], states: Sequence[CheckState | None]
+) -> dict[str, str]:
+    """OpenAI's `x-ratelimit-*` headers, from the tightest requests and tokens windows."""
+    headers: dict[str, str] = {}
+    for code, suffix in (("rate_limit_requests", "requests"), ("rate_limit_tokens", "tokens")):
+        pairs = [
+            (c, s) for c, s in zip(checks, states, strict=True) if c.code == code and s is not None
+        ]
+        if not pairs:
+            continue
+        check, state = min(pairs, key=lambda pair: pair[1].remaining)
+        headers[f"x-ratelimit-limit-{suffix}"] = str(check.limit)
+        headers[f"x-ratelimit-remaining-{suffix}"] = str(state.remaining)
+        headers[f"x-ratelimit-reset-{suffix}"] = f"{state.reset_s:.3f}s"
+    return headers

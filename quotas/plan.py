@@ -1,0 +1,158 @@
+"""From a tenant's policy and one request to the checks the store runs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+
+from billing.prices import MICRO, PriceBook
+from quotas.checks import Check, Kind
+from quotas.policy import Limits, QuotaPolicy
+
+MINUTE_S = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+def plan_checks(
+    policy: QuotaPolicy,
+    *,
+    tenant_id: str,
+    model_id: str,
+    reserve: Usage,
+    prices: PriceBook,
+    now: datetime,
+    lease_s: float,
+) -> list[Check]:
+    checks = _checks_for(policy, f"{{{tenant_id}}}:all", model_id, reserve, prices, now, lease_s)
+    model_limits = policy.for_model(model_id)
+    if model_limits is not None:
+        scope = f"{{{tenant_id}}}:m:{model_id}"
+        checks += _checks_for(model_limits, scope, model_id, reserve, prices, now, lease_s)
+    return checks
+
+
+def scoped_checks(
+    policy: QuotaPolicy, *, tenant_id: str, prices: PriceBook, now: datetime, lease_s: float
+) -> list[tuple[str, Check]]:
+    """Every check of a policy with a zero cost, per scope ("all" or a model id): for reports."""
+    nothing = Usage(0, 0)
+    scoped = [
+        ("all", c)
+        for c in _checks_for(policy, f"{{{tenant_id}}}:all", "", nothing, prices, now, lease_s)
+    ]
+    for model_id, limits in policy.models.items():
+        scope = f"{{{tenant_id}}}:m:{model_id}"
+        scoped += [
+            (model_id, c)
+            for c in _checks_for(limits, scope, model_id, nothing, prices, now, lease_s)
+        ]
+    return scoped
+
+
+def actual_costs(checks: list[Check], used: Usage, prices: PriceBook, model_id: str) -> list[int]:
+    """What each check really cost, once the usage is known."""
+    money = prices.micro_eur(model_id, used.prompt_tokens, used.completion_tokens)
+    costs = []
+    for check in checks:
+        if check.code in ("rate_limit_requests", "concurrency"):
+            costs.append(check.cost)
+        elif check.code == "budget_money":
+            costs.append(money)
+        else:
+            costs.append(used.tokens)
+    return costs
+
+
+def _checks_for(
+    limits: Limits,
+    scope: str,
+    model_id: str,
+    reserve: Usage,
+    prices: PriceBook,
+    now: datetime,
+    lease_s: float,
+) -> list[Check]:
+    key = f"sluis:q:{scope}"
+    checks = []
+    if limits.requests_per_minute is not None:
+        checks.append(
+            Check(
+                f"{key}:rpm",
+                Kind.WINDOW,
+                "rate_limit_requests",
+                limits.requests_per_minute,
+                1,
+                MINUTE_S,
+            )
+        )
+    if limits.tokens_per_minute is not None:
+        checks.append(
+            Check(
+                f"{key}:tpm",
+                Kind.WINDOW,
+                "rate_limit_tokens",
+                limits.tokens_per_minute,
+                reserve.tokens,
+                MINUTE_S,
+            )
+        )
+    if limits.max_concurrent is not None:
+        checks.append(
+            Check(f"{key}:conc", Kind.CONCURRENCY, "concurrency", limits.max_concurrent, 1, lease_s)
+        )
+    day, month = now.date(), now.date().replace(day=1)
+    if limits.tokens_per_day is not None:
+        checks.append(
+            Check(
+                f"{key}:tpd:{day.isoformat()}",
+                Kind.BUDGET,
+                "budget_tokens",
+                limits.tokens_per_day,
+                reserve.tokens,
+                lease_s,
+                _epoch(day + timedelta(days=1)),
+            )
+        )
+    if limits.tokens_per_month is not None:
+        checks.append(
+            Check(
+                f"{key}:tpmo:{month.isoformat()[:7]}",
+                Kind.BUDGET,
+                "budget_tokens",
+                limits.tokens_per_month,
+                reserve.tokens,
+                lease_s,
+                _epoch(_next_month(month)),
+            )
+        )
+    if limits.eur_per_month is not None:
+        cost = prices.micro_eur(model_id, reserve.prompt_tokens, reserve.completion_tokens)
+        checks.append(
+            Check(
+                f"{key}:eur:{month.isoformat()[:7]}",
+                Kind.BUDGET,
+                "budget_money",
+                round(limits.eur_per_month * MICRO),
+                cost,
+                lease_s,
+                _epoch(_next_month(month)),
+            )
+        )
+    return checks
+
+
+def _next_month(first: date) -> date:
+    return (first.replace(day=28) + timedelta(days=4)).replace(day=1)
+
+
+def _epoch(day: date) -> float:
+    return datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp()

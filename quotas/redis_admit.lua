@@ -1,0 +1,113 @@
+-- Sluis quota admission: evaluate every check, then apply all of them or none (one round trip).
+-- KEYS: two per check (the check's key, and its reservations key).
+-- ARGV: now, request id, mode ("admit" | "state"), then per check: kind, limit, cost, span,
+--       period end. Times in seconds (floats). Returns
+--       {allowed, failed index, retry after ms, never, then per check: used, reserved, reset ms}.
+local now = tonumber(ARGV[1])
+local rid = ARGV[2]
+local mode = ARGV[3]
+local n = #KEYS / 2
+local BUCKETS = 60
+
+local function window(key, limit, cost, span)
+  local width = span / BUCKETS
+  local oldest = math.floor(now / width) - BUCKETS
+  local flat = redis.call('HGETALL', key)
+  local used, buckets = 0, {}
+  for i = 1, #flat, 2 do
+    local index, value = tonumber(flat[i]), tonumber(flat[i + 1])
+    if index < oldest then
+      redis.call('HDEL', key, flat[i])
+    else
+      used = used + value
+      buckets[#buckets + 1] = {index, value}
+    end
+  end
+  table.sort(buckets, function(a, b) return a[1] < b[1] end)
+  local reset, retry = 0, span
+  if #buckets > 0 then reset = (buckets[1][1] + BUCKETS + 1) * width - now end
+  local excess, freed = used + cost - limit, 0
+  for _, bucket in ipairs(buckets) do
+    freed = freed + bucket[2]
+    if freed >= excess then
+      retry = math.max(0, (bucket[1] + BUCKETS + 1) * width - now)
+      break
+    end
+  end
+  return used, 0, reset, retry
+end
+
+local function budget(key, rkey, period_end)
+  local expired = redis.call('ZRANGEBYSCORE', rkey, '-inf', now)
+  for _, request in ipairs(expired) do
+    local cost = tonumber(redis.call('HGET', key, 'c:' .. request) or '0')
+    redis.call('HINCRBY', key, 'reserved', -cost)
+    redis.call('HDEL', key, 'c:' .. request)
+  end
+  if #expired > 0 then redis.call('ZREMRANGEBYSCORE', rkey, '-inf', now) end
+  local used = tonumber(redis.call('HGET', key, 'used') or '0')
+  local reserved = tonumber(redis.call('HGET', key, 'reserved') or '0')
+  local reset = math.max(0, period_end - now)
+  return used, reserved, reset, reset
+end
+
+local function concurrency(key)
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+  return redis.call('ZCARD', key), 0, 0, 1
+end
+
+local states = {}
+for i = 1, n do
+  local base = 3 + (i - 1) * 5
+  local kind, limit, cost = ARGV[base + 1], tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3])
+  local span, period_end = tonumber(ARGV[base + 4]), tonumber(ARGV[base + 5])
+  local key, rkey = KEYS[2 * i - 1], KEYS[2 * i]
+  local used, reserved, reset, retry
+  if kind == 'window' then
+    used, reserved, reset, retry = window(key, limit, cost, span)
+  elseif kind == 'budget' then
+    used, reserved, reset, retry = budget(key, rkey, period_end)
+  else
+    used, reserved, reset, retry = concurrency(key)
+  end
+  if mode == 'admit' and used + reserved + cost > limit then
+    local never = 0
+    if cost > limit then never = 1 end
+    return {0, i, math.ceil(retry * 1000), never, used, reserved, math.ceil(reset * 1000)}
+  end
+  states[#states + 1] = {used, reserved, math.ceil(reset * 1000)}
+end
+
+local result = {1, 0, 0, 0}
+for i = 1, n do
+  local base = 3 + (i - 1) * 5
+  local kind, cost = ARGV[base + 1], tonumber(ARGV[base + 3])
+  local span, period_end = tonumber(ARGV[base + 4]), tonumber(ARGV[base + 5])
+  local key, rkey = KEYS[2 * i - 1], KEYS[2 * i]
+  local used, reserved = states[i][1], states[i][2]
+  if mode == 'admit' then
+    if kind == 'window' then
+      local width = span / BUCKETS
+      redis.call('HINCRBY', key, math.floor(now / width), cost)
+      redis.call('PEXPIRE', key, math.ceil((span + 2 * width) * 1000))
+      used = used + cost
+    elseif kind == 'budget' then
+      redis.call('HINCRBY', key, 'reserved', cost)
+      redis.call('HSET', key, 'c:' .. rid, cost)
+      redis.call('ZADD', rkey, now + span, rid)
+      -- Kept for a month after the period ends, for inspection.
+      local expire_at = math.ceil((period_end + 2678400) * 1000)
+      redis.call('PEXPIREAT', key, expire_at)
+      redis.call('PEXPIREAT', rkey, expire_at)
+      reserved = reserved + cost
+    else
+      redis.call('ZADD', key, now + span, rid)
+      redis.call('PEXPIRE', key, math.ceil(span * 1000))
+      used = used + cost
+    end
+  end
+  result[#result + 1] = used
+  result[#result + 1] = reserved
+  result[#result + 1] = states[i][3]
+end
+return result
