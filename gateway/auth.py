@@ -7,6 +7,7 @@ gateways see them within `key_cache_ttl_s`.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 from gateway.clock import Clock
@@ -39,6 +40,7 @@ class Authenticator:
         self._clock = clock
         self._ttl = cache_ttl_s
         self._cache: dict[str, tuple[float, KeyGrant]] = {}
+        self._lookups: dict[str, asyncio.Future[KeyGrant | None]] = {}
 
     def invalidate(self) -> None:
         self._cache.clear()
@@ -72,9 +74,29 @@ class Authenticator:
         cached = self._cache.get(public_id)
         if cached is not None and now - cached[0] < self._ttl:
             return cached[1]
-        grant = await self._store.grant_for(public_id)
+        grant = await self._lookup(public_id)
         if grant is not None and self._ttl > 0:
             if len(self._cache) >= _CACHE_LIMIT:
                 self._cache.clear()
             self._cache[public_id] = (now, grant)
         return grant
+
+    async def _lookup(self, public_id: str) -> KeyGrant | None:
+        """One store query per key at a time: a burst of requests with a key not yet cached
+        waits for the same answer instead of each taking a database connection."""
+        pending = self._lookups.get(public_id)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[KeyGrant | None] = asyncio.get_running_loop().create_future()
+        self._lookups[public_id] = future
+        try:
+            grant = await self._store.grant_for(public_id)
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved here, so an unshared failure is not logged as lost
+            raise
+        else:
+            future.set_result(grant)
+            return grant
+        finally:
+            del self._lookups[public_id]

@@ -8,6 +8,7 @@ SluisError
  ├── Conflict                409 conflict_error
  ├── PayloadTooLarge         413 invalid_request_error
  ├── RateLimited             429 rate_limit_error (with Retry-After and x-ratelimit-* headers)
+ ├── ClientClosedRequest     499 the client left before its request was read (nobody to tell)
  ├── UpstreamRejected        4xx passed on from the model server (its own status and message)
  ├── UpstreamFailed          502 upstream_error
  ├── UpstreamTimeout         504 upstream_error
@@ -106,6 +107,12 @@ class RateLimited(SluisError):
 
     def headers(self) -> dict[str, str]:
         return {**self._extra_headers, **super().headers()}
+
+
+class ClientClosedRequest(SluisError):
+    status = 499
+    type = "client_closed_request"
+    default_code = "client_closed_request"
 
 
 class UpstreamRejected(SluisError):

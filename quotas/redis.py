@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError, RedisError
 
 from quotas.checks import Check, CheckState, Decision, Kind
 from quotas.store import StoreFailure
@@ -23,11 +25,15 @@ _SETTLE = (Path(__file__).parent / "redis_settle.lua").read_text()
 
 class RedisStore:
     def __init__(self, url: str, *, timeout_s: float) -> None:
+        # One immediate retry, on a fresh connection, when a pooled one turns out dead (as after
+        # a Redis restart); never on a timeout, when the script may have run.
         self._client = aioredis.Redis.from_url(
             url,
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
             retry_on_timeout=False,
+            retry=Retry(NoBackoff(), 1),
+            retry_on_error=[ConnectionError],
             health_check_interval=30,
         )
         self._admit = self._client.register_script(_ADMIT)

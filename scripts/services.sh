@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Makes sure the services the tests talk to run on loopback: PostgreSQL (5432).
+# Makes sure the services the tests talk to run on loopback: PostgreSQL (5432), Redis (6379).
 # Installs them with apt-get when absent (CI machines run as root).
 set -euo pipefail
 
@@ -23,3 +23,15 @@ if ! port_open 5432; then
   wait_port 5432
 fi
 echo "services: PostgreSQL on 127.0.0.1:5432"
+
+if ! port_open 6379; then
+  if ! command -v redis-server >/dev/null; then
+    as_root apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq redis-server >/dev/null
+  fi
+  mkdir -p /tmp/sluis-redis
+  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no \
+    --dir /tmp/sluis-redis --logfile /tmp/sluis-redis/redis.log
+  wait_port 6379
+fi
+echo "services: Redis on 127.0.0.1:6379"

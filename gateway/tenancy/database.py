@@ -38,7 +38,8 @@ class Database:
             engine = create_async_engine(parsed, connect_args={"timeout": 30})
             event.listen(engine.sync_engine, "connect", _tune_sqlite)
         elif parsed.get_backend_name() == "postgresql":
-            engine = create_async_engine(parsed, pool_size=10, max_overflow=20, pool_pre_ping=True)
+            # Per gateway; PostgreSQL's default of 100 connections then serves several gateways.
+            engine = create_async_engine(parsed, pool_size=5, max_overflow=10, pool_pre_ping=True)
         else:
             raise ConfigError(
                 f"SLUIS_DATABASE_URL: unsupported database {parsed.get_backend_name()!r}"
@@ -48,6 +49,9 @@ class Database:
 
     async def migrate(self) -> None:
         async with self.engine.begin() as conn:
+            if self.dialect == "postgresql":
+                # Gateways starting together take turns: one migrates, the others find it done.
+                await conn.execute(text("SELECT pg_advisory_xact_lock(7263551)"))
             await conn.run_sync(_upgrade_to_head)
 
     async def ping(self) -> None:

@@ -5,20 +5,20 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, ProgrammingError
 
 from gateway.errors import StoreUnavailable
+
+# What says our statement or data was wrong: a bug to surface, not an outage to wait out.
+_OUR_FAULT = (IntegrityError, ProgrammingError, DataError)
 
 
 @contextmanager
 def store_errors() -> Iterator[None]:
     try:
         yield
-    except IntegrityError:
+    except _OUR_FAULT:
         raise
-    except (OperationalError, InterfaceError, OSError, TimeoutError) as exc:
+    except (DBAPIError, OSError, TimeoutError) as exc:
+        # Unreachable, out of connections ("too many clients"), failed over, timed out.
         raise StoreUnavailable("The tenant store is unavailable; try again shortly.") from exc
-    except DBAPIError as exc:
-        if exc.connection_invalidated:
-            raise StoreUnavailable("The tenant store is unavailable; try again shortly.") from exc
-        raise

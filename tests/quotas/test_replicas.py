@@ -1,0 +1,175 @@
+"""Quotas across gateway replicas: four `sluis gateway` processes share one Redis and one
+PostgreSQL, and the limits hold exactly; Redis dying mid-load gives the configured mode."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import ADMIN_TOKEN
+from tests.processes import GatewayProcess, RedisServer
+from tests.servers import ServerThread
+
+CONFIG = """
+models:
+  - id: fake-chat
+    tokenizer: whitespace
+    max_output_tokens: 16
+"""
+
+
+@dataclass
+class Cluster:
+    gateways: list[GatewayProcess]
+    redis: RedisServer
+
+    def admin(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        return httpx.request(
+            method,
+            f"{self.gateways[0].url}/admin/v1{path}",
+            headers={"authorization": f"Bearer {ADMIN_TOKEN}"},
+            **kwargs,
+        )
+
+    def tenant(self, quotas: dict[str, Any]) -> tuple[str, str]:
+        name = f"t-{secrets.token_hex(4)}"
+        assert (
+            self.admin(
+                "POST", "/tenants", json={"name": name, "models": ["*"], "quotas": quotas}
+            ).status_code
+            == 201
+        )
+        key = self.admin("POST", f"/tenants/{name}/keys", json={}).json()["key"]
+        return name, key
+
+
+@pytest.fixture(scope="module")
+def cluster(
+    tmp_path_factory: pytest.TempPathFactory, postgres_url: str, fake_engine_server: ServerThread
+) -> Iterator[Cluster]:
+    workdir: Path = tmp_path_factory.mktemp("replicas")
+    (workdir / "sluis.yaml").write_text(CONFIG)
+    redis = RedisServer(workdir)
+    redis.start()
+    gateways = []
+    for index in range(4):
+        env = {
+            "SLUIS_DATABASE_URL": postgres_url,
+            "SLUIS_REDIS_URL": redis.url,
+            "SLUIS_ADMIN_TOKEN": ADMIN_TOKEN,
+            "SLUIS_STATE_DIR": str(workdir / f"s{index}"),
+            "SLUIS_QUOTA_TIMEOUT_S": "0.5",
+        }
+        gateways.append(GatewayProcess(workdir, env, fake_engine_server.url))
+    try:
+        for gateway in gateways:
+            gateway.wait_ready()
+        yield Cluster(gateways, redis)
+    finally:
+        codes = [gateway.stop() for gateway in gateways]
+        redis.kill()
+    assert codes == [0, 0, 0, 0]
+
+
+async def _load(
+    cluster: Cluster, key: str, bodies: list[dict[str, Any]], concurrency: int
+) -> list[tuple[int, float, bytes]]:
+    """Send every body, round robin over the gateways; (status, seconds, body) each."""
+    semaphore = asyncio.Semaphore(concurrency)
+    limits = httpx.Limits(max_connections=concurrency + 10)
+    async with httpx.AsyncClient(limits=limits, timeout=30) as client:
+
+        async def one(index: int, body: dict[str, Any]) -> tuple[int, float, bytes]:
+            url = cluster.gateways[index % len(cluster.gateways)].url + "/v1/chat/completions"
+            async with semaphore:
+                started = time.monotonic()
+                response = await client.post(
+                    url, json=body, headers={"authorization": f"Bearer {key}"}
+                )
+                return response.status_code, time.monotonic() - started, response.content
+
+        return await asyncio.gather(*(one(i, b) for i, b in enumerate(bodies)))
+
+
+def _chat(content: str = "a b c", max_tokens: int = 4, stream: bool = False) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": "fake-chat",
+        "max_tokens": max_tokens,
+        "messages": [{"role": "user", "content": content}],
+    }
+    if stream:
+        body |= {"stream": True, "stream_options": {"include_usage": True}}
+    return body
+
+
+def test_four_gateways_admit_exactly_the_request_limit(cluster: Cluster) -> None:
+    name, key = cluster.tenant({"requests_per_minute": 100})
+    results = asyncio.run(_load(cluster, key, [_chat() for _ in range(1000)], concurrency=200))
+    assert Counter(status for status, _, _ in results) == {200: 100, 429: 900}
+    usage = cluster.admin("GET", "/usage", params={"tenant": name}).json()["data"]
+    assert usage[0]["requests"] == 100 if usage else False
+
+
+def test_concurrent_streams_never_overshoot_a_token_budget(cluster: Cluster) -> None:
+    name, key = cluster.tenant({"tokens_per_day": 1000})
+    # 3 prompt tokens + 10 reserved each; some stop early, so their reservation shrinks.
+    bodies = [_chat(f"a b [[tokens:{4 + i % 7}]]", max_tokens=10, stream=True) for i in range(200)]
+    results = asyncio.run(_load(cluster, key, bodies, concurrency=200))
+    statuses = Counter(status for status, _, _ in results)
+    assert set(statuses) <= {200, 429}
+    seen = 0
+    for status, _, body in results:
+        if status == 200:
+            assert body.rstrip().endswith(b"data: [DONE]")
+            final = [line for line in body.split(b"\n") if b'"choices":[]' in line]
+            seen += int(final[0].split(b'"total_tokens":')[1].split(b"}")[0])
+    quota = cluster.admin("GET", f"/tenants/{name}/quota").json()["limits"]
+    [budget] = [row for row in quota if row["limit"] == "budget_tokens"]
+    assert budget["reserved"] == 0
+    assert budget["used"] == seen <= 1000
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # the ledger is written a moment after the answers
+        usage = cluster.admin("GET", "/usage", params={"tenant": name}).json()["data"]
+        if usage and usage[0]["requests"] == statuses[200]:
+            break
+        time.sleep(0.2)
+    assert usage[0]["total_tokens"] == seen
+
+
+def test_redis_dying_mid_load_fails_closed_then_recovers(cluster: Cluster) -> None:
+    _, key = cluster.tenant({"requests_per_minute": 100_000, "tokens_per_day": 10**9})
+
+    async def scenario() -> tuple[list[tuple[int, float, bytes]], list[int]]:
+        async def outage() -> None:
+            await asyncio.sleep(0.5)
+            cluster.redis.kill()
+            await asyncio.sleep(1.5)
+            cluster.redis.start()
+
+        during, _ = await asyncio.gather(
+            _load(cluster, key, [_chat() for _ in range(600)], concurrency=20), outage()
+        )
+        recovered = time.monotonic() + 10
+        while (await _load(cluster, key, [_chat()], 1))[0][0] != 200:
+            assert time.monotonic() < recovered, "admission did not recover"
+            await asyncio.sleep(0.2)
+        after = [status for status, _, _ in await _load(cluster, key, [_chat()] * 20, 5)]
+        return during, after
+
+    started = time.monotonic()
+    during, after = asyncio.run(scenario())
+    statuses = Counter(status for status, _, _ in during)
+    assert set(statuses) <= {200, 503}, statuses
+    assert statuses[503] > 0, "the load never met the outage"
+    assert max(seconds for _, seconds, _ in during) < 3.0  # bounded by the store timeout
+    assert after == [200] * 20
+    assert time.monotonic() - started < 60
