@@ -34,12 +34,13 @@ from gateway.settings import ConfigError, Settings
 from gateway.state import GatewayState
 from gateway.tenancy.audit import AuditLog
 from gateway.tenancy.database import Database
+from gateway.tenancy.instances import InstanceRegistry
 from gateway.tenancy.ledger import Ledger
 from gateway.tenancy.tenants import TenantStore
 from gateway.upstreams.base import Upstream
 from gateway.upstreams.registry import build_upstream
 from quotas.admission import QuotaAdmission
-from quotas.stores import build_store
+from quotas.stores import build_store, store_name
 
 log = logging.getLogger("sluis.gateway")
 
@@ -64,6 +65,8 @@ def create_app(
         the_upstream = upstream or build_upstream(settings.upstream())
         meter: Meter | None = None
         inflight = Inflight()
+        instances = InstanceRegistry(database, clock, quota_store=store_name(settings))
+        joined = False
         quotas = QuotaAdmission(
             build_store(settings),
             defaults=settings.file.quotas,
@@ -76,6 +79,8 @@ def create_app(
         )
         try:
             await database.migrate()
+            await instances.join()
+            joined = True
             catalog = await build_catalog(settings, the_upstream)
             tenants = TenantStore(database, clock)
             ledger = Ledger(database)
@@ -117,6 +122,8 @@ def create_app(
                 await meter.aclose(drain_s=settings.shutdown_drain_s)
                 log.info("gateway stopped; %d usage records written", meter.written)
             await the_upstream.aclose()
+            if joined:
+                await instances.leave()
             await database.dispose()
 
     routes = [

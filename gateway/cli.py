@@ -26,6 +26,7 @@ USAGE_COLUMNS = (
     "completion_tokens",
     "total_tokens",
 )
+QUOTA_COLUMNS = ("scope", "limit", "max", "used", "reserved", "remaining", "reset_s")
 AUDIT_COLUMNS = ("id", "at", "actor", "action", "target_type", "target_id")
 
 
@@ -147,6 +148,9 @@ def _tenants_update(args: argparse.Namespace) -> int:
         body["metadata"] = _metadata(args.meta)
     if args.status:
         body["status"] = args.status
+    if args.quota:
+        current = _admin(args, "GET", f"/tenants/{args.tenant}")["quotas"]
+        body["quotas"] = _merge_quotas(current, args.quota)
     return _show(args, _admin(args, "PATCH", f"/tenants/{args.tenant}", json=body), TENANT_COLUMNS)
 
 
@@ -156,6 +160,36 @@ def _tenants_status(status: str) -> Callable[[argparse.Namespace], int]:
         return _show(args, payload, TENANT_COLUMNS)
 
     return run
+
+
+def _tenants_quota(args: argparse.Namespace) -> int:
+    payload = _admin(args, "GET", f"/tenants/{args.tenant}/quota")
+    if args.json:
+        print(json.dumps(payload, indent=2))
+        return 0
+    print(render_table(payload["limits"], QUOTA_COLUMNS))
+    return 0
+
+
+def _merge_quotas(current: dict[str, Any], settings: list[str]) -> dict[str, Any]:
+    """Apply `[MODEL/]FIELD=VALUE` settings (VALUE a number, or `none` for unlimited)."""
+    merged: dict[str, Any] = json.loads(json.dumps(current))
+    for setting in settings:
+        name, sep, raw = setting.partition("=")
+        if not sep:
+            raise AdminError(f"--quota takes [MODEL/]FIELD=VALUE, got {setting!r}", exit_code=2)
+        model, _, field = name.rpartition("/")
+        target = merged.setdefault("models", {}).setdefault(model, {}) if model else merged
+        if raw.lower() in ("none", "null", "unlimited"):
+            target[field] = None
+        elif raw.lower() == "default":
+            target.pop(field, None)
+        else:
+            try:
+                target[field] = float(raw) if "." in raw else int(raw)
+            except ValueError as exc:
+                raise AdminError(f"--quota {setting!r}: not a number", exit_code=2) from exc
+    return merged
 
 
 def _keys_create(args: argparse.Namespace) -> int:
@@ -278,7 +312,17 @@ def _parser() -> argparse.ArgumentParser:
     update.add_argument("--models")
     update.add_argument("--meta", action="append", metavar="KEY=VALUE")
     update.add_argument("--status", choices=["active", "suspended"])
+    update.add_argument(
+        "--quota",
+        action="append",
+        metavar="[MODEL/]FIELD=VALUE",
+        help="e.g. requests_per_minute=60, eur_per_month=250, tiny-chat/max_concurrent=4; "
+        "VALUE none = unlimited, default = back to the sluis.yaml default",
+    )
     update.set_defaults(run=_tenants_update)
+    quota = tenants.add_parser("quota", parents=[admin], help="limits and their current use")
+    quota.add_argument("tenant")
+    quota.set_defaults(run=_tenants_quota)
     for action, status in (("suspend", "suspended"), ("activate", "active")):
         sub = tenants.add_parser(action, parents=[admin])
         sub.add_argument("tenant")

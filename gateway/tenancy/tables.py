@@ -103,3 +103,14 @@ audit_log = Table(
     Column("tenant_id", String(32), nullable=True, index=True),
     Column("details", JSON, nullable=False),
 )
+
+gateway_instances = Table(
+    "gateway_instances",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("host", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("quota_store", String(16), nullable=False),
+    Column("started_at", UTCDateTime, nullable=False),
+    Column("heartbeat_at", UTCDateTime, nullable=False),
+)

@@ -177,3 +177,46 @@ def test_sluis_up_prints_a_working_demo_key(tmp_path: Path) -> None:
         out, _ = process.communicate(timeout=30)
     assert process.returncode == 0
     assert "gateway stopped" in out
+
+
+def test_quotas_from_the_cli(cli_env: RunningGateway, capsys: pytest.CaptureFixture[str]) -> None:
+    run_cli(capsys, "tenants", "create", "acme", "--models", "*")
+    code, out, _ = run_cli(
+        capsys,
+        "tenants",
+        "update",
+        "acme",
+        "--quota",
+        "requests_per_minute=60",
+        "--quota",
+        "eur_per_month=2.5",
+        "--quota",
+        "fake-chat/max_concurrent=2",
+        "--json",
+    )
+    assert code == 0
+    assert json.loads(out)["quotas"] == {
+        "requests_per_minute": 60,
+        "eur_per_month": 2.5,
+        "models": {"fake-chat": {"max_concurrent": 2}},
+    }
+    code, out, _ = run_cli(
+        capsys,
+        "tenants",
+        "update",
+        "acme",
+        "--quota",
+        "eur_per_month=default",
+        "--quota",
+        "requests_per_minute=none",
+        "--json",
+    )
+    assert json.loads(out)["quotas"] == {
+        "requests_per_minute": None,
+        "models": {"fake-chat": {"max_concurrent": 2}},
+    }
+    code, out, _ = run_cli(capsys, "tenants", "quota", "acme")
+    assert code == 0
+    assert out.splitlines()[1].split()[:4] == ["fake-chat", "concurrency", "2", "0"]
+    code, _, err = run_cli(capsys, "tenants", "update", "acme", "--quota", "max_concurrent=-1")
+    assert code == 1 and "400" in err
