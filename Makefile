@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LITELLM_VENV := .venv-litellm
 
-.PHONY: install run test lint services bench-gateway clean
+.PHONY: install run test lint services bench-gateway bench-quotas clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,9 @@ $(LITELLM_VENV)/bin/litellm:
 
 bench-gateway: install $(LITELLM_VENV)/bin/litellm
 	$(BIN)/python -m loadtests.bench_gateway --litellm $(LITELLM_VENV)/bin/litellm
+
+bench-quotas: install
+	$(BIN)/python -m loadtests.bench_quotas
 
 clean:
 	rm -rf $(VENV) $(LITELLM_VENV) .sluis .pytest_cache .mypy_cache .ruff_cache

@@ -93,7 +93,7 @@ async def update_tenant(request: Request) -> Response:
 async def tenant_quota(request: Request) -> Response:
     state = gateway_state(request)
     tenant = await state.tenants.get_tenant(request.path_params["ref"])
-    policy = state.quotas.policy_for(tenant.quotas)
+    policy = state.quotas.policy_for(tenant)
     limits = await state.quotas.report(tenant.id, policy)
     return _json(
         {

@@ -26,7 +26,7 @@ import httpx
 
 from gateway.serve import run_async as run_loop
 from loadtests.httpload import Sample, Target, closed_loop, open_loop
-from loadtests.processes import Process, free_port, pinned
+from loadtests.processes import Process, free_port, pinned, sluis_gateway_command
 
 ADMIN_TOKEN = "bench-admin-token-0123456789"
 LITELLM_KEY = "sk-bench-master-key"
@@ -88,43 +88,39 @@ def start_upstream(workdir: Path) -> tuple[Process, str]:
     return process, f"http://127.0.0.1:{port}/v1"
 
 
-def start_sluis(workdir: Path, upstream: str) -> tuple[Process, Proxy]:
+def start_sluis_process(
+    workdir: Path, upstream: str, extra_env: dict[str, str] | None = None
+) -> tuple[Process, str]:
+    """`sluis gateway` on core 1, with auth and metering (SQLite) on; returns its URL."""
     port = free_port()
     env = {
         "SLUIS_ADMIN_TOKEN": ADMIN_TOKEN,
         "SLUIS_STATE_DIR": str(workdir / "sluis"),
         "SLUIS_DATABASE_URL": f"sqlite+aiosqlite:///{workdir}/sluis/sluis.db",
+        **(extra_env or {}),
     }
+    command = sluis_gateway_command(upstream, port)
     process = Process(
-        "sluis",
-        pinned(
-            [
-                sys.executable,
-                "-m",
-                "gateway.cli",
-                "gateway",
-                "--upstream",
-                upstream,
-                "--port",
-                str(port),
-            ],
-            "1",
-        ),
-        env=env,
-        cwd=workdir,
-        log=workdir / "sluis.log",
+        "sluis", pinned(command, "1"), env=env, cwd=workdir, log=workdir / "sluis.log"
     )
     process.wait_port(port)
-    url = f"http://127.0.0.1:{port}"
+    return process, f"http://127.0.0.1:{port}"
+
+
+def tenant_target(url: str, name: str, quotas: dict[str, object] | None = None) -> Target:
+    """A new tenant (with these quotas) and a chat request target carrying its key."""
     admin = {"authorization": f"Bearer {ADMIN_TOKEN}"}
-    httpx.post(
-        f"{url}/admin/v1/tenants", json={"name": "bench", "models": ["*"]}, headers=admin
-    ).raise_for_status()
-    key = httpx.post(f"{url}/admin/v1/tenants/bench/keys", json={}, headers=admin).json()["key"]
-    target = Target.post_json(
-        f"{url}/v1/chat/completions", BODY, {"authorization": f"Bearer {key}"}
-    )
-    return process, Proxy("sluis", target)
+    body: dict[str, object] = {"name": name, "models": ["*"]}
+    if quotas:
+        body["quotas"] = quotas
+    httpx.post(f"{url}/admin/v1/tenants", json=body, headers=admin).raise_for_status()
+    key = httpx.post(f"{url}/admin/v1/tenants/{name}/keys", json={}, headers=admin).json()["key"]
+    return Target.post_json(f"{url}/v1/chat/completions", BODY, {"authorization": f"Bearer {key}"})
+
+
+def start_sluis(workdir: Path, upstream: str) -> tuple[Process, Proxy]:
+    process, url = start_sluis_process(workdir, upstream)
+    return process, Proxy("sluis", tenant_target(url, "bench"))
 
 
 def start_litellm(workdir: Path, upstream: str, litellm: str) -> tuple[Process, Proxy]:

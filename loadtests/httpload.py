@@ -102,6 +102,7 @@ async def closed_loop(
     requests: int | None = None,
     seconds: float | None = None,
     concurrency: int = 1,
+    ok_status: int = 200,
 ) -> Sample:
     """`concurrency` workers send back to back, for `requests` requests or `seconds` seconds."""
     pool = Pool(target)
@@ -113,7 +114,7 @@ async def closed_loop(
         nonlocal remaining
         while remaining > 0 and time.perf_counter() < deadline:
             remaining -= 1
-            await _timed(pool.call(), sample, since=time.perf_counter())
+            await _timed(pool.call(), sample, since=time.perf_counter(), ok_status=ok_status)
 
     began = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -153,14 +154,17 @@ async def open_loop(
     return sample
 
 
-async def _timed(call: Awaitable[int], sample: Sample, *, since: float) -> None:
-    """Await one call; a 200 adds its latency (from `since`), anything else counts as an error."""
+async def _timed(
+    call: Awaitable[int], sample: Sample, *, since: float, ok_status: int = 200
+) -> None:
+    """Await one call; the expected status adds its latency (from `since`), any other is an
+    error."""
     try:
         status = await call
     except (OSError, asyncio.IncompleteReadError, ValueError, TimeoutError):
         sample.errors += 1
         return
-    if status == 200:
+    if status == ok_status:
         sample.latencies.append(time.perf_counter() - since)
     else:
         sample.errors += 1

@@ -7,6 +7,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -66,3 +67,8 @@ class Process:
                 os.killpg(self.popen.pid, signal.SIGKILL)
                 self.popen.wait(5)
         self._out.close()
+
+
+def sluis_gateway_command(upstream: str, port: int) -> list[str]:
+    args = f"-m gateway.cli gateway --upstream {upstream} --port {port}"
+    return [sys.executable, *args.split()]

@@ -13,6 +13,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Literal
 
 from billing.prices import PriceBook
@@ -20,6 +21,7 @@ from gateway.admission import AdmissionRequest, Admitted
 from gateway.clock import Clock
 from gateway.errors import RateLimited, StoreUnavailable
 from gateway.metrics import Metrics
+from gateway.tenancy.records import Tenant
 from gateway.tokens import count_prompt_tokens
 from quotas.checks import Check, CheckState, Decision
 from quotas.plan import Usage, actual_costs, plan_checks, scoped_checks
@@ -61,14 +63,22 @@ class QuotaAdmission:
         self._fail_mode = fail_mode
         self._timeout_s = timeout_s
         self._lease_s = lease_s
-        self._retries: set[asyncio.Task[None]] = set()
+        self._pending: set[asyncio.Task[None]] = set()
+        self._policies: dict[tuple[str, datetime], QuotaPolicy] = {}
 
-    def policy_for(self, quotas: dict[str, object]) -> QuotaPolicy:
-        return effective_policy(self._defaults, quotas)
+    def policy_for(self, tenant: Tenant) -> QuotaPolicy:
+        """The tenant's effective policy, computed once per version of the tenant."""
+        version = (tenant.id, tenant.updated_at)
+        policy = self._policies.get(version)
+        if policy is None:
+            if len(self._policies) > 10_000:
+                self._policies.clear()
+            policy = self._policies[version] = effective_policy(self._defaults, tenant.quotas)
+        return policy
 
     async def admit(self, request: AdmissionRequest) -> Admitted:
         tenant = request.principal.tenant
-        policy = self.policy_for(tenant.quotas)
+        policy = self.policy_for(tenant)
         model = request.model
         prompt = count_prompt_tokens(request.endpoint, request.body, model.tokenizer)
         completion = request.max_completion_tokens or model.max_output_tokens
@@ -141,19 +151,20 @@ class QuotaAdmission:
             self._prices,
             reservation.model_id,
         )
-        try:
-            await self._settle(reservation, actual)
-        except (StoreFailure, TimeoutError) as exc:
-            self._metrics.quota_store_failures.labels("retry", "settle").inc()
-            log.warning("quota settle failed (%s); retrying in the background", exc)
-            task = asyncio.create_task(self._settle_with_retries(reservation, actual))
-            self._retries.add(task)
-            task.add_done_callback(self._retries.discard)
+        # Reconciled after the answer has gone out: the client does not wait for the store.
+        task = asyncio.create_task(self._settle_with_retries(reservation, actual))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def drain(self) -> None:
+        """Wait for the reconciliations under way."""
+        while self._pending:
+            await asyncio.wait(set(self._pending))
 
     async def aclose(self, *, drain_s: float) -> None:
-        if self._retries:
-            await asyncio.wait(set(self._retries), timeout=drain_s)
-        for task in list(self._retries):
+        if self._pending:
+            await asyncio.wait(set(self._pending), timeout=drain_s)
+        for task in list(self._pending):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -172,13 +183,15 @@ class QuotaAdmission:
         )
 
     async def _settle_with_retries(self, reservation: Reservation, actual: Sequence[int]) -> None:
-        for delay in _SETTLE_RETRIES_S:
+        for delay in (0.0, *_SETTLE_RETRIES_S):
             await asyncio.sleep(delay)
             try:
                 await self._settle(reservation, actual)
                 return
-            except (StoreFailure, TimeoutError):
-                continue
+            except (StoreFailure, TimeoutError) as exc:
+                self._metrics.quota_store_failures.labels("retry", "settle").inc()
+                log.warning("quota settle failed (%s); retrying", exc or type(exc).__name__)
+        # Its reservations expire with their lease; only the usage is lost to the quota.
         log.error("gave up settling quota reservation %s", reservation.request_id)
 
     def _store_failed(self, policy: QuotaPolicy, operation: str, exc: Exception) -> None:

@@ -1,13 +1,28 @@
 -- Sluis quota admission: evaluate every check, then apply all of them or none (one round trip).
--- KEYS: two per check (the check's key, and its reservations key).
--- ARGV: now, request id, mode ("admit" | "state"), then per check: kind, limit, cost, span,
---       period end. Times in seconds (floats). Returns
+-- KEYS: per check its key, and for a budget also its reservations key, in check order.
+-- ARGV: now, request id, mode ("admit" | "state"), then one spec per check,
+--       "kind limit cost span period_end" (few arguments: packing them is the client's cost).
+-- Times in seconds. Returns
 --       {allowed, failed index, retry after ms, never, then per check: used, reserved, reset ms}.
 local now = tonumber(ARGV[1])
 local rid = ARGV[2]
 local mode = ARGV[3]
-local n = #KEYS / 2
 local BUCKETS = 60
+
+local specs = {}
+local next_key = 1
+for i = 4, #ARGV do
+  local kind, limit, cost, span, period_end = string.match(ARGV[i], '(%a+) (%S+) (%S+) (%S+) (%S+)')
+  local spec = {kind = kind, limit = tonumber(limit), cost = tonumber(cost), span = tonumber(span),
+                period_end = tonumber(period_end), key = KEYS[next_key]}
+  next_key = next_key + 1
+  if kind == 'budget' then
+    spec.rkey = KEYS[next_key]
+    next_key = next_key + 1
+  end
+  specs[#specs + 1] = spec
+end
+local n = #specs
 
 local function window(key, limit, cost, span)
   local width = span / BUCKETS
@@ -58,10 +73,9 @@ end
 
 local states = {}
 for i = 1, n do
-  local base = 3 + (i - 1) * 5
-  local kind, limit, cost = ARGV[base + 1], tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3])
-  local span, period_end = tonumber(ARGV[base + 4]), tonumber(ARGV[base + 5])
-  local key, rkey = KEYS[2 * i - 1], KEYS[2 * i]
+  local spec = specs[i]
+  local kind, limit, cost, span, period_end = spec.kind, spec.limit, spec.cost, spec.span, spec.period_end
+  local key, rkey = spec.key, spec.rkey
   local used, reserved, reset, retry
   if kind == 'window' then
     used, reserved, reset, retry = window(key, limit, cost, span)
@@ -80,10 +94,9 @@ end
 
 local result = {1, 0, 0, 0}
 for i = 1, n do
-  local base = 3 + (i - 1) * 5
-  local kind, cost = ARGV[base + 1], tonumber(ARGV[base + 3])
-  local span, period_end = tonumber(ARGV[base + 4]), tonumber(ARGV[base + 5])
-  local key, rkey = KEYS[2 * i - 1], KEYS[2 * i]
+  local spec = specs[i]
+  local kind, cost, span, period_end = spec.kind, spec.cost, spec.span, spec.period_end
+  local key, rkey = spec.key, spec.rkey
   local used, reserved = states[i][1], states[i][2]
   if mode == 'admit' then
     if kind == 'window' then

@@ -6,17 +6,12 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+from loadtests.processes import free_port, sluis_gateway_command
 
 
 def wait_port(port: int, process: subprocess.Popen[bytes], timeout: float = 60) -> None:
@@ -70,16 +65,7 @@ class GatewayProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = (workdir / f"gateway-{self.port}.log").open("wb")
         self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "gateway.cli",
-                "gateway",
-                "--upstream",
-                upstream,
-                "--port",
-                str(self.port),
-            ],
+            sluis_gateway_command(upstream, self.port),
             cwd=workdir,
             env={**os.environ, **env},
             stdout=self.log,

@@ -51,6 +51,7 @@ def set_quotas(gateway: RunningGateway, tenant: str, quotas: dict[str, Any]) -> 
 
 
 def quota(gateway: RunningGateway, tenant: str) -> dict[str, dict[str, Any]]:
+    gateway.server.call(gateway.state.quotas.drain())  # reconciliation follows the answer
     response = gateway.admin("GET", f"/tenants/{tenant}/quota")
     assert response.status_code == 200, response.text
     return {f"{row['scope']}:{row['limit']}": row for row in response.json()["limits"]}
