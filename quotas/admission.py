@@ -97,9 +97,7 @@ class QuotaAdmission:
         if not checks:
             return Admitted()
         try:
-            decision = await asyncio.wait_for(
-                self._store.admit(checks, request.request_id, now.timestamp()), self._timeout_s
-            )
+            decision = await self._store.admit(checks, request.request_id, now.timestamp())
         except (StoreFailure, TimeoutError) as exc:
             self._store_failed(policy, "admit", exc)
             return Admitted()
@@ -119,9 +117,7 @@ class QuotaAdmission:
         if not scoped:
             return []
         try:
-            states = await asyncio.wait_for(
-                self._store.state([check for _, check in scoped], now.timestamp()), self._timeout_s
-            )
+            states = await self._store.state([check for _, check in scoped], now.timestamp())
         except (StoreFailure, TimeoutError) as exc:
             raise StoreUnavailable("The quota store is unavailable; try again shortly.") from exc
         return [
@@ -171,15 +167,12 @@ class QuotaAdmission:
         await self._store.aclose()
 
     async def _settle(self, reservation: Reservation, actual: Sequence[int]) -> None:
-        await asyncio.wait_for(
-            self._store.settle(
-                reservation.checks,
-                reservation.request_id,
-                actual,
-                reservation.admitted_at,
-                self._clock.now().timestamp(),
-            ),
-            self._timeout_s,
+        await self._store.settle(
+            reservation.checks,
+            reservation.request_id,
+            actual,
+            reservation.admitted_at,
+            self._clock.now().timestamp(),
         )
 
     async def _settle_with_retries(self, reservation: Reservation, actual: Sequence[int]) -> None:

@@ -13,6 +13,9 @@ class StoreFailure(Exception):
 
 
 class QuotaStore(Protocol):
+    """Every call either answers or raises `StoreFailure` within the store's timeout (a store
+    that does I/O bounds it itself: the Redis store per connection attempt and per call)."""
+
     async def admit(self, checks: Sequence[Check], request_id: str, now: float) -> Decision:
         """Apply every check's cost if all of them fit, else none."""
         ...
