@@ -39,13 +39,3 @@ class Admission(Protocol):
     async def settle(
         self, admitted: Admitted, *, prompt_tokens: int, completion_tokens: int
     ) -> None: ...
-
-
-class OpenAdmission:
-    async def admit(self, request: AdmissionRequest) -> Admitted:
-        return Admitted()
-
-    async def settle(
-        self, admitted: Admitted, *, prompt_tokens: int, completion_tokens: int
-    ) -> None:
-        return None

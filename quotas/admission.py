@@ -23,8 +23,8 @@ from gateway.errors import RateLimited, StoreUnavailable
 from gateway.metrics import Metrics
 from gateway.tenancy.records import Tenant
 from gateway.tokens import count_prompt_tokens
-from quotas.checks import Check, CheckState, Decision
-from quotas.plan import Usage, actual_costs, plan_checks, scoped_checks
+from quotas.checks import Check, CheckState, Decision, Kind
+from quotas.plan import Usage, actual_costs, plan_checks, scoped_checks, with_costs
 from quotas.policy import QuotaPolicy, effective_policy
 from quotas.store import QuotaStore, StoreFailure
 
@@ -65,6 +65,8 @@ class QuotaAdmission:
         self._lease_s = lease_s
         self._pending: set[asyncio.Task[None]] = set()
         self._policies: dict[tuple[str, datetime], QuotaPolicy] = {}
+        # Checks of one tenant version, model and day, costs still zero: built once per day.
+        self._plans: dict[tuple[str, datetime, str, int], list[Check]] = {}
 
     def policy_for(self, tenant: Tenant) -> QuotaPolicy:
         """The tenant's effective policy, computed once per version of the tenant."""
@@ -85,17 +87,23 @@ class QuotaAdmission:
         if request.endpoint.value == "embeddings":
             completion = 0
         now = self._clock.now()
-        checks = plan_checks(
-            policy,
-            tenant_id=tenant.id,
-            model_id=model.id,
-            reserve=Usage(prompt, completion),
-            prices=self._prices,
-            now=now,
-            lease_s=self._lease_s,
-        )
-        if not checks:
+        plan_key = (tenant.id, tenant.updated_at, model.id, now.toordinal())
+        templates = self._plans.get(plan_key)
+        if templates is None:
+            if len(self._plans) > 10_000:
+                self._plans.clear()
+            templates = self._plans[plan_key] = plan_checks(
+                policy,
+                tenant_id=tenant.id,
+                model_id=model.id,
+                reserve=Usage(0, 0),
+                prices=self._prices,
+                now=now,
+                lease_s=self._lease_s,
+            )
+        if not templates:
             return Admitted()
+        checks = with_costs(templates, Usage(prompt, completion), self._prices, model.id)
         try:
             decision = await self._store.admit(checks, request.request_id, now.timestamp())
         except (StoreFailure, TimeoutError) as exc:
@@ -147,6 +155,21 @@ class QuotaAdmission:
             self._prices,
             reservation.model_id,
         )
+        # A window whose reservation was exact (always so for requests) has nothing to settle.
+        pairs = [
+            (check, spent)
+            for check, spent in zip(reservation.checks, actual, strict=True)
+            if check.kind is not Kind.WINDOW or spent != check.cost
+        ]
+        if not pairs:
+            return
+        reservation = Reservation(
+            [c for c, _ in pairs],
+            reservation.request_id,
+            reservation.model_id,
+            reservation.admitted_at,
+        )
+        actual = [spent for _, spent in pairs]
         # Reconciled after the answer has gone out: the client does not wait for the store.
         task = asyncio.create_task(self._settle_with_retries(reservation, actual))
         self._pending.add(task)

@@ -22,6 +22,25 @@ class Usage:
         return self.prompt_tokens + self.completion_tokens
 
 
+def with_costs(
+    templates: list[Check], usage: Usage, prices: PriceBook, model_id: str
+) -> list[Check]:
+    """The templates (checks of a policy, costs left at zero) costed for one request."""
+    money = prices.micro_eur(model_id, usage.prompt_tokens, usage.completion_tokens)
+    return [
+        Check(t.key, t.kind, t.code, t.limit, _cost(t.code, usage, money), t.span_s, t.period_end)
+        for t in templates
+    ]
+
+
+def _cost(code: str, usage: Usage, money: int) -> int:
+    if code in ("rate_limit_requests", "concurrency"):
+        return 1
+    if code == "budget_money":
+        return money
+    return usage.tokens
+
+
 def plan_checks(
     policy: QuotaPolicy,
     *,
@@ -61,15 +80,7 @@ def scoped_checks(
 def actual_costs(checks: list[Check], used: Usage, prices: PriceBook, model_id: str) -> list[int]:
     """What each check really cost, once the usage is known."""
     money = prices.micro_eur(model_id, used.prompt_tokens, used.completion_tokens)
-    costs = []
-    for check in checks:
-        if check.code in ("rate_limit_requests", "concurrency"):
-            costs.append(check.cost)
-        elif check.code == "budget_money":
-            costs.append(money)
-        else:
-            costs.append(used.tokens)
-    return costs
+    return [_cost(check.code, used, money) for check in checks]
 
 
 def _checks_for(
