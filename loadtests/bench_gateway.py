@@ -3,7 +3,8 @@ with LiteLLM's proxy, in one run.
 
 Layout on a 2-core machine: the fake upstream and this load generator share core 0; the proxy
 under test (Sluis or LiteLLM, one worker each) gets core 1 to itself. Sluis runs with auth
-(a real tenant key) and metering (SQLite ledger) on.
+(a real tenant key), metering (SQLite ledger) and quotas (all six limits set, none reached, the
+default in-process store) on.
 
 1. Concurrency 1: p50/p99 latency direct vs through each proxy; "added" is the difference.
 2. Open-loop rate sweep: the highest arrival rate at which each proxy's p99 stays within 10 ms of
@@ -118,9 +119,20 @@ def tenant_target(url: str, name: str, quotas: dict[str, object] | None = None) 
     return Target.post_json(f"{url}/v1/chat/completions", BODY, {"authorization": f"Bearer {key}"})
 
 
+# Quotas on (the default in-process store), every limit set and none of them reached.
+BENCH_QUOTAS: dict[str, object] = {
+    "requests_per_minute": 10**7,
+    "tokens_per_minute": 10**9,
+    "max_concurrent": 10**4,
+    "tokens_per_day": 10**12,
+    "tokens_per_month": 10**13,
+    "eur_per_month": 10**9,
+}
+
+
 def start_sluis(workdir: Path, upstream: str) -> tuple[Process, Proxy]:
     process, url = start_sluis_process(workdir, upstream)
-    return process, Proxy("sluis", tenant_target(url, "bench"))
+    return process, Proxy("sluis", tenant_target(url, "bench", BENCH_QUOTAS))
 
 
 def start_litellm(workdir: Path, upstream: str, litellm: str) -> tuple[Process, Proxy]:

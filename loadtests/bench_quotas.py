@@ -15,18 +15,16 @@ import tempfile
 from pathlib import Path
 
 from gateway.serve import run_async as run_loop
-from loadtests.bench_gateway import start_sluis_process, start_upstream, tenant_target
+from loadtests.bench_gateway import (
+    BENCH_QUOTAS,
+    start_sluis_process,
+    start_upstream,
+    tenant_target,
+)
 from loadtests.httpload import Sample, closed_loop
 from loadtests.processes import Process, free_port, pinned
 
-EVERY_LIMIT: dict[str, object] = {
-    "requests_per_minute": 10**7,
-    "tokens_per_minute": 10**9,
-    "max_concurrent": 10**4,
-    "tokens_per_day": 10**12,
-    "tokens_per_month": 10**13,
-    "eur_per_month": 10**9,
-}
+EVERY_LIMIT = BENCH_QUOTAS
 
 
 def start_redis(workdir: Path) -> tuple[Process, str]:

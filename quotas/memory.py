@@ -1,8 +1,14 @@
-"""The in-process quota store: the embedded default, for one gateway process only."""
+"""The in-process quota store: the embedded default, for one gateway process only.
+
+Every check is O(1) amortised: windows keep a running sum beside their buckets, budgets and
+concurrency a running total beside a heap of lease expiries.
+"""
 
 from __future__ import annotations
 
+import heapq
 import math
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -10,50 +16,89 @@ from quotas.checks import WINDOW_BUCKETS, Check, CheckState, Decision, Kind, win
 
 
 @dataclass
-class _Budget:
-    used: int = 0
-    reservations: dict[str, tuple[int, float]] = field(default_factory=dict)  # id: cost, expiry
+class _Window:
+    buckets: deque[list[int]] = field(default_factory=deque)  # [index, count], oldest first
+    total: int = 0
 
-    def reserved(self, now: float) -> int:
-        for request_id, (_, expiry) in list(self.reservations.items()):
-            if expiry <= now:
-                del self.reservations[request_id]
-        return sum(cost for cost, _ in self.reservations.values())
+    def expire(self, oldest: int) -> None:
+        while self.buckets and self.buckets[0][0] < oldest:
+            self.total -= self.buckets.popleft()[1]
+
+    def add(self, index: int, amount: int) -> None:
+        if self.buckets and self.buckets[-1][0] == index:
+            self.buckets[-1][1] += amount
+        else:
+            self.buckets.append([index, amount])
+        self.total += amount
+
+    def adjust(self, index: int, delta: int) -> None:
+        for bucket in reversed(self.buckets):
+            if bucket[0] == index:
+                updated = max(0, bucket[1] + delta)
+                self.total += updated - bucket[1]
+                bucket[1] = updated
+                return
+
+
+@dataclass
+class _Leases:
+    """Reservations (budgets) or slots (concurrency) that lapse at their expiry."""
+
+    live: dict[str, tuple[int, float]] = field(default_factory=dict)  # request: amount, expiry
+    expiries: list[tuple[float, str]] = field(default_factory=list)
+    total: int = 0
+    used: int = 0  # budgets: what settled requests consumed
+
+    def expire(self, now: float) -> None:
+        while self.expiries and self.expiries[0][0] <= now:
+            expiry, request = heapq.heappop(self.expiries)
+            held = self.live.get(request)
+            if held is not None and held[1] == expiry:
+                del self.live[request]
+                self.total -= held[0]
+
+    def hold(self, request: str, amount: int, expiry: float) -> None:
+        self.release(request)
+        self.live[request] = (amount, expiry)
+        self.total += amount
+        heapq.heappush(self.expiries, (expiry, request))
+
+    def release(self, request: str) -> None:
+        held = self.live.pop(request, None)
+        if held is not None:
+            self.total -= held[0]
 
 
 class MemoryStore:
     def __init__(self) -> None:
-        self._windows: dict[str, dict[int, int]] = {}
-        self._budgets: dict[str, _Budget] = {}
-        self._leases: dict[str, dict[str, float]] = {}
+        self._windows: dict[str, _Window] = {}
+        self._leases: dict[str, _Leases] = {}
 
     async def admit(self, checks: Sequence[Check], request_id: str, now: float) -> Decision:
         states = []
         for index, check in enumerate(checks):
-            state, retry_after = self._evaluate(check, now)
+            state = self._evaluate(check, now)
             if state.used + state.reserved + check.cost > check.limit:
                 return Decision(
                     allowed=False,
                     failed=index,
-                    retry_after_s=retry_after,
+                    retry_after_s=self._retry_after(check, state, now),
                     never=check.cost > check.limit,
                     states=(state,),
                 )
             states.append(state)
-        for check in checks:
+        admitted = []
+        for check, state in zip(checks, states, strict=True):
             self._apply(check, request_id, now)
-        return Decision(
-            allowed=True,
-            states=tuple(
-                CheckState(
-                    s.limit,
-                    s.used + c.cost if c.kind is not Kind.BUDGET else s.used,
-                    s.reserved + c.cost if c.kind is Kind.BUDGET else s.reserved,
-                    s.reset_s,
+            if check.kind is Kind.BUDGET:
+                admitted.append(
+                    CheckState(state.limit, state.used, state.reserved + check.cost, state.reset_s)
                 )
-                for s, c in zip(states, checks, strict=True)
-            ),
-        )
+            else:
+                admitted.append(
+                    CheckState(state.limit, state.used + check.cost, state.reserved, state.reset_s)
+                )
+        return Decision(allowed=True, states=tuple(admitted))
 
     async def settle(
         self,
@@ -65,19 +110,18 @@ class MemoryStore:
     ) -> None:
         for check, spent in zip(checks, actual, strict=True):
             if check.kind is Kind.WINDOW:
-                buckets = self._windows.get(check.key, {})
-                index = math.floor(admitted_at / check.bucket_s)
-                if index in buckets:
-                    buckets[index] = max(0, buckets[index] + spent - check.cost)
+                window = self._windows.get(check.key)
+                if window is not None and spent != check.cost:
+                    window.adjust(math.floor(admitted_at / check.bucket_s), spent - check.cost)
             elif check.kind is Kind.BUDGET:
-                budget = self._budgets.setdefault(check.key, _Budget())
-                budget.reservations.pop(request_id, None)
+                budget = self._leases.setdefault(check.key, _Leases())
+                budget.release(request_id)
                 budget.used += spent
             else:
-                self._leases.get(check.key, {}).pop(request_id, None)
+                self._leases.setdefault(check.key, _Leases()).release(request_id)
 
     async def state(self, checks: Sequence[Check], now: float) -> list[CheckState]:
-        return [self._evaluate(check, now)[0] for check in checks]
+        return [self._evaluate(check, now) for check in checks]
 
     async def ping(self) -> None:
         return None
@@ -85,34 +129,32 @@ class MemoryStore:
     async def aclose(self) -> None:
         return None
 
-    def _evaluate(self, check: Check, now: float) -> tuple[CheckState, float]:
+    def _evaluate(self, check: Check, now: float) -> CheckState:
         if check.kind is Kind.WINDOW:
-            buckets = self._windows.setdefault(check.key, {})
-            oldest = math.floor(now / check.bucket_s) - WINDOW_BUCKETS
-            for index in [i for i in buckets if i < oldest]:
-                del buckets[index]
-            used = sum(buckets.values())
-            reset = (min(buckets) + WINDOW_BUCKETS + 1) * check.bucket_s - now if buckets else 0.0
-            return (
-                CheckState(check.limit, used, 0, reset),
-                window_retry_after(buckets, check, used, now),
-            )
+            window = self._windows.setdefault(check.key, _Window())
+            window.expire(math.floor(now / check.bucket_s) - WINDOW_BUCKETS)
+            reset = 0.0
+            if window.buckets:
+                reset = (window.buckets[0][0] + WINDOW_BUCKETS + 1) * check.bucket_s - now
+            return CheckState(check.limit, window.total, 0, reset)
+        leases = self._leases.setdefault(check.key, _Leases())
+        leases.expire(now)
         if check.kind is Kind.BUDGET:
-            budget = self._budgets.setdefault(check.key, _Budget())
-            reset = max(0.0, check.period_end - now)
-            return CheckState(check.limit, budget.used, budget.reserved(now), reset), reset
-        leases = self._leases.setdefault(check.key, {})
-        for request_id in [r for r, expiry in leases.items() if expiry <= now]:
-            del leases[request_id]
-        return CheckState(check.limit, len(leases), 0, 0.0), 1.0
+            return CheckState(
+                check.limit, leases.used, leases.total, max(0.0, check.period_end - now)
+            )
+        return CheckState(check.limit, leases.total, 0, 0.0)
+
+    def _retry_after(self, check: Check, state: CheckState, now: float) -> float:
+        if check.kind is Kind.WINDOW:
+            buckets = {index: count for index, count in self._windows[check.key].buckets}
+            return window_retry_after(buckets, check, state.used, now)
+        if check.kind is Kind.BUDGET:
+            return state.reset_s
+        return 1.0
 
     def _apply(self, check: Check, request_id: str, now: float) -> None:
         if check.kind is Kind.WINDOW:
-            buckets = self._windows.setdefault(check.key, {})
-            index = math.floor(now / check.bucket_s)
-            buckets[index] = buckets.get(index, 0) + check.cost
-        elif check.kind is Kind.BUDGET:
-            budget = self._budgets.setdefault(check.key, _Budget())
-            budget.reservations[request_id] = (check.cost, now + check.span_s)
+            self._windows[check.key].add(math.floor(now / check.bucket_s), check.cost)
         else:
-            self._leases.setdefault(check.key, {})[request_id] = now + check.span_s
+            self._leases[check.key].hold(request_id, check.cost, now + check.span_s)
