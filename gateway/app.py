@@ -28,6 +28,7 @@ from gateway.health import healthz, readyz
 from gateway.inflight import Inflight
 from gateway.metering import Meter
 from gateway.metrics import Metrics
+from gateway.metrics_listener import MetricsListener
 from gateway.middleware import RequestIdMiddleware
 from gateway.proxy import tenant_routes
 from gateway.settings import ConfigError, Settings
@@ -66,6 +67,11 @@ def create_app(
         meter: Meter | None = None
         inflight = Inflight()
         instances = InstanceRegistry(database, clock, quota_store=store_name(settings))
+        listener = None
+        if settings.metrics_port:
+            listener = MetricsListener(
+                metrics.registry, host=settings.metrics_host, port=settings.metrics_port
+            )
         joined = False
         quotas = QuotaAdmission(
             build_store(settings),
@@ -81,6 +87,8 @@ def create_app(
             await database.migrate()
             await instances.join()
             joined = True
+            if listener is not None:
+                await listener.start()
             catalog = await build_catalog(settings, the_upstream)
             tenants = TenantStore(database, clock)
             ledger = Ledger(database)
@@ -122,6 +130,8 @@ def create_app(
                 await meter.aclose(drain_s=settings.shutdown_drain_s)
                 log.info("gateway stopped; %d usage records written", meter.written)
             await the_upstream.aclose()
+            if listener is not None:
+                await listener.stop()
             if joined:
                 await instances.leave()
             await database.dispose()

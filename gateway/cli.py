@@ -64,7 +64,11 @@ def _run_gateway(args: argparse.Namespace) -> int:
     from gateway.serve import serve_gateway
 
     settings = load_settings(
-        args.config, host=args.host, port=args.port, upstream_url=args.upstream
+        args.config,
+        host=args.host,
+        port=args.port,
+        upstream_url=args.upstream,
+        metrics_port=args.metrics_port,
     )
     run_async(serve_gateway(settings))
     return 0
@@ -73,7 +77,9 @@ def _run_gateway(args: argparse.Namespace) -> int:
 def _run_up(args: argparse.Namespace) -> int:
     from gateway.serve import serve_up
 
-    settings = load_settings(args.config, host=args.host, port=args.port)
+    settings = load_settings(
+        args.config, host=args.host, port=args.port, metrics_port=args.metrics_port
+    )
     run_async(serve_up(settings))
     return 0
 
@@ -272,12 +278,14 @@ def _parser() -> argparse.ArgumentParser:
     gateway.add_argument("--upstream", help="URL of an OpenAI-compatible server")
     gateway.add_argument("--host")
     gateway.add_argument("--port", type=int)
+    gateway.add_argument("--metrics-port", type=int, help="the /metrics listener; 0 = off")
     gateway.set_defaults(run=_run_gateway)
 
     up = commands.add_parser("up", help="the whole stack on this machine, with a demo tenant")
     up.add_argument("--config", type=Path)
     up.add_argument("--host")
     up.add_argument("--port", type=int)
+    up.add_argument("--metrics-port", type=int, help="the /metrics listener; 0 = off")
     up.set_defaults(run=_run_up)
 
     fake = commands.add_parser("fake-engine", help="a deterministic fake OpenAI server")

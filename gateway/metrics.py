@@ -1,26 +1,81 @@
 """Every Prometheus metric Sluis exports, defined in one place on an injected registry.
 
 Labels only ever take bounded, registered values: tenant names from the tenant store, model ids
-from the catalog, limit codes and modes from fixed sets.
+from the catalog, status classes, limit codes and modes from fixed sets. Served on a listener of
+their own (`SLUIS_METRICS_PORT`), never on the tenant API.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
+TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
+
+
+def status_class(status: int) -> str:
+    return f"{status // 100}xx"
 
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "sluis_requests",
+            "Requests forwarded upstream, by tenant, model and status class.",
+            ["tenant", "model", "status"],
+            registry=r,
+        )
+        self.tokens = Counter(
+            "sluis_tokens",
+            "Tokens metered, by tenant, model and kind (prompt|completion).",
+            ["tenant", "model", "kind"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "sluis_request_duration_seconds",
+            "Whole request time, by model.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.time_to_first_token = Histogram(
+            "sluis_time_to_first_token_seconds",
+            "Time to the first streamed token, by model.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.time_per_output_token = Histogram(
+            "sluis_time_per_output_token_seconds",
+            "Streamed time per output token after the first, by model.",
+            ["model"],
+            buckets=TPOT_BUCKETS,
+            registry=r,
+        )
+        self.gateway_overhead = Histogram(
+            "sluis_gateway_overhead_seconds",
+            "Time the gateway spends on a request before handing it upstream.",
+            buckets=OVERHEAD_BUCKETS,
+            registry=r,
+        )
+        self.inflight = Gauge(
+            "sluis_inflight_requests",
+            "Requests in flight upstream, by tenant and model.",
+            ["tenant", "model"],
+            registry=r,
+        )
         self.quota_rejections = Counter(
             "sluis_quota_rejections",
             "Requests refused by a quota, by tenant and the limit that refused them.",
             ["tenant", "limit"],
-            registry=self.registry,
+            registry=r,
         )
         self.quota_store_failures = Counter(
             "sluis_quota_store_failures",
             "Quota store calls that failed or timed out, by the mode applied (open admits).",
             ["mode", "operation"],
-            registry=self.registry,
+            registry=r,
         )

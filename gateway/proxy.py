@@ -16,6 +16,7 @@ from gateway.auth import Principal
 from gateway.body import parse_json_object, read_limited_body
 from gateway.catalog import Model
 from gateway.errors import PermissionDenied, SluisError, UpstreamUnavailable
+from gateway.metrics import status_class
 from gateway.payloads import ChatRequest, CompletionRequest, validate_payload
 from gateway.state import GatewayState, gateway_state, request_id
 from gateway.streaming import StreamMeter, StreamRelay, StreamResult
@@ -102,9 +103,10 @@ async def _forward(request: Request, endpoint: Endpoint) -> Response | StreamRel
 
 async def _complete(ctx: _Context, body: dict[str, Any]) -> Response:
     state = ctx.state
-    state.inflight.enter()
+    _enter(ctx)
     try:
         try:
+            state.metrics.gateway_overhead.observe(state.clock.monotonic() - ctx.started)
             reply = await state.upstream.send(UpstreamCall(ctx.endpoint, body, ctx.request_id))
             if reply.status != 200:
                 raise reply_error(reply)
@@ -123,13 +125,14 @@ async def _complete(ctx: _Context, body: dict[str, Any]) -> Response:
         )
         await _settle(ctx, prompt, completion)
     finally:
-        state.inflight.leave()
+        _leave(ctx)
     return Response(reply.body, media_type="application/json", headers=ctx.admitted.headers)
 
 
 async def _stream(ctx: _Context, body: dict[str, Any], meter: StreamMeter) -> StreamRelay:
     state = ctx.state
     resources = AsyncExitStack()
+    state.metrics.gateway_overhead.observe(state.clock.monotonic() - ctx.started)
     try:
         events = await resources.enter_async_context(
             state.upstream.stream(UpstreamCall(ctx.endpoint, body, ctx.request_id))
@@ -137,7 +140,7 @@ async def _stream(ctx: _Context, body: dict[str, Any], meter: StreamMeter) -> St
     except SluisError as exc:
         await _refused(ctx, exc)
         raise
-    state.inflight.enter()
+    _enter(ctx)
 
     async def finish(result: StreamResult) -> None:
         try:
@@ -149,10 +152,11 @@ async def _stream(ctx: _Context, body: dict[str, Any], meter: StreamMeter) -> St
                 status=result.status,
                 outcome=result.outcome,
                 ttft=result.first_token_at,
+                streamed=True,
             )
             await _settle(ctx, result.prompt_tokens, result.completion_tokens)
         finally:
-            state.inflight.leave()
+            _leave(ctx)
 
     return StreamRelay(
         events=events,
@@ -162,6 +166,16 @@ async def _stream(ctx: _Context, body: dict[str, Any], meter: StreamMeter) -> St
         clock=state.clock,
         on_finish=finish,
     )
+
+
+def _enter(ctx: _Context) -> None:
+    ctx.state.inflight.enter()
+    ctx.state.metrics.inflight.labels(ctx.principal.tenant.name, ctx.model.id).inc()
+
+
+def _leave(ctx: _Context) -> None:
+    ctx.state.inflight.leave()
+    ctx.state.metrics.inflight.labels(ctx.principal.tenant.name, ctx.model.id).dec()
 
 
 async def _refused(ctx: _Context, exc: SluisError) -> None:
@@ -181,8 +195,11 @@ def _meter(
     status: int,
     outcome: Outcome,
     ttft: float | None,
+    streamed: bool = False,
 ) -> None:
     clock = ctx.state.clock
+    duration = clock.monotonic() - ctx.started
+    _observe(ctx, prompt, completion, status, duration, ttft if streamed else None)
     ctx.state.meter.record(
         UsageRecord(
             request_id=ctx.request_id,
@@ -196,10 +213,29 @@ def _meter(
             outcome=outcome,
             usage_exact=exact,
             ttft_ms=None if ttft is None else round((ttft - ctx.started) * 1000, 3),
-            duration_ms=round((clock.monotonic() - ctx.started) * 1000, 3),
+            duration_ms=round(duration * 1000, 3),
             created_at=clock.now(),
         )
     )
+
+
+def _observe(
+    ctx: _Context, prompt: int, completion: int, status: int, duration: float, ttft: float | None
+) -> None:
+    metrics, tenant, model = ctx.state.metrics, ctx.principal.tenant.name, ctx.model.id
+    metrics.requests.labels(tenant, model, status_class(status)).inc()
+    if prompt:
+        metrics.tokens.labels(tenant, model, "prompt").inc(prompt)
+    if completion:
+        metrics.tokens.labels(tenant, model, "completion").inc(completion)
+    metrics.request_duration.labels(model).observe(duration)
+    if ttft is not None:  # streams only: a whole answer has no first token to time
+        first = ttft - ctx.started
+        metrics.time_to_first_token.labels(model).observe(first)
+        if completion > 1:
+            metrics.time_per_output_token.labels(model).observe(
+                (duration - first) / (completion - 1)
+            )
 
 
 async def _settle(ctx: _Context, prompt: int, completion: int) -> None:

@@ -107,6 +107,9 @@ async def _announce(settings: Settings, state: GatewayState) -> None:
         f"admin token: {admin_token_path(settings)}"
         if settings.admin_token is None
         else "admin token: $SLUIS_ADMIN_TOKEN",
+        f"metrics: http://{settings.metrics_host}:{settings.metrics_port}/metrics"
+        if settings.metrics_port
+        else "metrics: off",
     ]
     try:
         await state.tenants.create_tenant(

@@ -84,6 +84,9 @@ class Settings(BaseSettings):
     meter_batch_size: int = Field(default=200, ge=1)
     meter_linger_s: float = Field(default=0.1, ge=0)
     redis_url: str | None = None
+    metrics_host: str = "127.0.0.1"
+    # The /metrics listener, apart from the API; 0 turns it off.
+    metrics_port: int = Field(default=9464, ge=0, le=65535)
     quota_fail_mode: Literal["open", "closed"] | None = None
     quota_timeout_s: float = Field(default=0.25, gt=0)
     # How long a reservation or concurrency lease lives if its gateway never settles it.

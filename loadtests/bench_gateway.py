@@ -98,6 +98,7 @@ def start_sluis_process(
         "SLUIS_ADMIN_TOKEN": ADMIN_TOKEN,
         "SLUIS_STATE_DIR": str(workdir / "sluis"),
         "SLUIS_DATABASE_URL": f"sqlite+aiosqlite:///{workdir}/sluis/sluis.db",
+        "SLUIS_METRICS_PORT": "0",
         **(extra_env or {}),
     }
     command = sluis_gateway_command(upstream, port)

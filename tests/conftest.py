@@ -130,6 +130,7 @@ def gateway_factory(tmp_path: Path, fake_engine_server: ServerThread) -> Iterato
             "admin_token": ADMIN_TOKEN,
             "state_dir": tmp_path / "state",
             "upstream_url": None if upstream else fake_engine_server.url,
+            "metrics_port": 0,
         }
         values.update(overrides)
         settings = Settings(**values)

@@ -127,7 +127,7 @@ def test_sluis_gateway_process_in_front_of_an_upstream(
 ) -> None:
     port = _free_port()
     args = ("gateway", "--upstream", fake_engine_server.url, "--port", str(port))
-    env = {"SLUIS_ADMIN_TOKEN": ADMIN_TOKEN}
+    env = {"SLUIS_ADMIN_TOKEN": ADMIN_TOKEN, "SLUIS_METRICS_PORT": str(_free_port())}
     process = _sluis(*args, cwd=tmp_path, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -154,7 +154,9 @@ def test_sluis_gateway_process_in_front_of_an_upstream(
 
 def test_sluis_up_prints_a_working_demo_key(tmp_path: Path) -> None:
     port = _free_port()
-    process = _sluis("up", "--port", str(port), cwd=tmp_path, env={})
+    process = _sluis(
+        "up", "--port", str(port), cwd=tmp_path, env={"SLUIS_METRICS_PORT": str(_free_port())}
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_ready(url, process)

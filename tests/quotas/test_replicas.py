@@ -68,6 +68,7 @@ def cluster(
             "SLUIS_ADMIN_TOKEN": ADMIN_TOKEN,
             "SLUIS_STATE_DIR": str(workdir / f"s{index}"),
             "SLUIS_QUOTA_TIMEOUT_S": "0.5",
+            "SLUIS_METRICS_PORT": "0",
         }
         gateways.append(GatewayProcess(workdir, env, fake_engine_server.url))
     try:

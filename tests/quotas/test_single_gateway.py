@@ -19,6 +19,7 @@ def _settings(tmp_path: Path, redis_url: str | None) -> Settings:
         state_dir=tmp_path / "other",
         upstream_url="http://127.0.0.1:9",
         redis_url=redis_url,
+        metrics_port=0,
         file={"models": [{"id": "fake-chat"}]},
     )
 

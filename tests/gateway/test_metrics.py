@@ -1,0 +1,73 @@
+"""Metrics on their own listener, labelled only with registered tenants and catalog models."""
+
+from __future__ import annotations
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from loadtests.processes import free_port
+from tests.conftest import GatewayFactory
+
+
+def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = httpx.get(url).text
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_requests_tokens_and_latencies_are_exported(gateway_factory: GatewayFactory) -> None:
+    port = free_port()
+    gateway = gateway_factory(metrics_port=port)
+    key = gateway.create_tenant("acme")
+    headers = {"authorization": f"Bearer {key}"}
+    chat = {
+        "model": "fake-chat",
+        "messages": [{"role": "user", "content": "a b c"}],
+        "max_tokens": 5,
+    }
+    for body in (chat, chat, {**chat, "stream": True}, {**chat, "model": "gpt-9"}):
+        httpx.post(f"{gateway.url}/v1/chat/completions", json=body, headers=headers)
+    records = gateway.records()
+    samples = scrape(f"http://127.0.0.1:{port}/metrics")
+    labels = (("model", "fake-chat"), ("status", "2xx"), ("tenant", "acme"))
+    assert samples[("sluis_requests_total", labels)] == 3
+    for kind in ("prompt", "completion"):
+        key_labels = (("kind", kind), ("model", "fake-chat"), ("tenant", "acme"))
+        assert samples[("sluis_tokens_total", key_labels)] == sum(
+            r[f"{kind}_tokens"] for r in records
+        )
+    assert samples[("sluis_time_to_first_token_seconds_count", (("model", "fake-chat"),))] == 1
+    assert samples[("sluis_request_duration_seconds_count", (("model", "fake-chat"),))] == 3
+    assert samples[("sluis_gateway_overhead_seconds_count", ())] == 3
+    assert samples[("sluis_inflight_requests", (("model", "fake-chat"), ("tenant", "acme")))] == 0
+    # A model that does not exist creates no series.
+    assert not [name for name, labels in samples if ("model", "gpt-9") in labels]
+    # Metrics are never served on the tenant API's listener.
+    assert httpx.get(f"{gateway.url}/metrics").status_code == 404
+
+
+def test_a_taken_metrics_port_fails_start_up_clearly(gateway_factory: GatewayFactory) -> None:
+    import asyncio
+
+    import pytest
+
+    from gateway.app import create_app
+    from gateway.settings import ConfigError
+
+    port = free_port()
+    first = gateway_factory(metrics_port=port)
+    app = create_app(
+        first.settings.model_copy(
+            update={"state_dir": first.settings.state_dir, "database_url": "sqlite+aiosqlite://"}
+        )
+    )
+
+    async def start() -> None:
+        async with app.router.lifespan_context(app):
+            pass
+
+    with pytest.raises(ConfigError, match="SLUIS_METRICS_PORT"):
+        asyncio.run(start())
