@@ -7,6 +7,7 @@ import gc
 import logging
 import os
 import secrets
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -59,6 +60,7 @@ def create_app(
     clock = clock or SystemClock()
     metrics = metrics or Metrics()
     admin_token = resolve_admin_token(settings)
+    gateway_id = settings.gateway_id or f"{socket.gethostname()}:{settings.port}"
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -98,7 +100,8 @@ def create_app(
                 batch_size=settings.meter_batch_size,
                 linger_s=settings.meter_linger_s,
             )
-            await meter.start()
+            await meter.start()  # replays what a previous run spooled, before seeding
+            metrics.seed(await ledger.counter_seed(gateway_id))
             app.state.sluis = GatewayState(
                 settings=settings,
                 clock=clock,
@@ -114,6 +117,7 @@ def create_app(
                 catalog=catalog,
                 upstream=the_upstream,
                 inflight=inflight,
+                gateway_id=gateway_id,
             )
             # Start-up leaves ~10^5 long-lived objects (SQLAlchemy, pydantic, ...); freezing them
             # keeps full garbage collections, which would scan them all, from pausing requests.

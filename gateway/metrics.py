@@ -79,3 +79,13 @@ class Metrics:
             ["mode", "operation"],
             registry=r,
         )
+
+    def seed(self, totals: list[tuple[str, str, int, int, int, int]]) -> None:
+        """Start the counters where this gateway's ledger records leave them, so a restart is
+        no counter reset: Prometheus' increase() then loses nothing across it."""
+        for tenant, model, status, requests, prompt, completion in totals:
+            self.requests.labels(tenant, model, status_class(status)).inc(requests)
+            if prompt:
+                self.tokens.labels(tenant, model, "prompt").inc(prompt)
+            if completion:
+                self.tokens.labels(tenant, model, "completion").inc(completion)

@@ -215,6 +215,7 @@ def _meter(
             ttft_ms=None if ttft is None else round((ttft - ctx.started) * 1000, 3),
             duration_ms=round(duration * 1000, 3),
             created_at=clock.now(),
+            gateway_id=ctx.state.gateway_id,
         )
     )
 

@@ -84,6 +84,8 @@ class Settings(BaseSettings):
     meter_batch_size: int = Field(default=200, ge=1)
     meter_linger_s: float = Field(default=0.1, ge=0)
     redis_url: str | None = None
+    # Names this gateway in the ledger; stable across restarts (default: host:port).
+    gateway_id: str | None = Field(default=None, max_length=128)
     metrics_host: str = "127.0.0.1"
     # The /metrics listener, apart from the API; 0 turns it off.
     metrics_port: int = Field(default=9464, ge=0, le=65535)

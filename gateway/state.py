@@ -36,6 +36,7 @@ class GatewayState:
     catalog: ModelCatalog
     upstream: Upstream
     inflight: Inflight
+    gateway_id: str
     quotas: QuotaAdmission
     metrics: Metrics
 

@@ -27,6 +27,8 @@ class UsageRecord:
     ttft_ms: float | None
     duration_ms: float
     created_at: datetime
+    # The gateway that metered it: each seeds its own counters from its own records.
+    gateway_id: str = ""
 
     def to_row(self) -> dict[str, Any]:
         # Not dataclasses.asdict: that deep-copies every field, a measurable cost per request.

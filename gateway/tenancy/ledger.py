@@ -114,6 +114,27 @@ class Ledger:
             for row in rows
         ]
 
+    async def counter_seed(self, gateway_id: str) -> list[tuple[str, str, int, int, int, int]]:
+        """(tenant name, model, status, requests, prompt, completion) metered by one gateway."""
+        u = usage_records
+        query = (
+            select(
+                tenants.c.name,
+                u.c.model,
+                u.c.status,
+                func.count(),
+                func.coalesce(func.sum(u.c.prompt_tokens), 0),
+                func.coalesce(func.sum(u.c.completion_tokens), 0),
+            )
+            .join(tenants, tenants.c.id == u.c.tenant_id)
+            .where(u.c.gateway_id == gateway_id)
+            .group_by(tenants.c.name, u.c.model, u.c.status)
+        )
+        with store_errors():
+            async with self._db.engine.connect() as conn:
+                rows = (await conn.execute(query)).all()
+        return [(r[0], r[1], int(r[2]), int(r[3]), int(r[4]), int(r[5])) for r in rows]
+
     async def records(self, where: UsageFilter, *, limit: int = 100) -> list[UsageRecord]:
         query = select(usage_records).order_by(usage_records.c.created_at.desc()).limit(limit)
         for condition in _conditions(where):

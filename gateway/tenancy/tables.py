@@ -87,7 +87,9 @@ usage_records = Table(
     Column("ttft_ms", Float, nullable=True),
     Column("duration_ms", Float, nullable=False),
     Column("created_at", UTCDateTime, nullable=False),
+    Column("gateway_id", String(128), nullable=False, server_default=""),
     Index("ix_usage_tenant_time", "tenant_id", "created_at"),
+    Index("ix_usage_gateway", "gateway_id"),
     Index("ix_usage_time", "created_at"),
 )
 

@@ -71,3 +71,37 @@ def test_a_taken_metrics_port_fails_start_up_clearly(gateway_factory: GatewayFac
 
     with pytest.raises(ConfigError, match="SLUIS_METRICS_PORT"):
         asyncio.run(start())
+
+
+def test_counters_survive_a_restart_seeded_from_this_gateways_ledger(
+    gateway_factory: GatewayFactory,
+) -> None:
+    chat = {"model": "fake-chat", "messages": [{"role": "user", "content": "a b"}], "max_tokens": 3}
+    labels = (("model", "fake-chat"), ("status", "2xx"), ("tenant", "acme"))
+    completion = (("kind", "completion"), ("model", "fake-chat"), ("tenant", "acme"))
+
+    first = gateway_factory(metrics_port=free_port(), gateway_id="gw-a")
+    key = first.create_tenant("acme")
+    for _ in range(2):
+        httpx.post(
+            f"{first.url}/v1/chat/completions",
+            json=chat,
+            headers={"authorization": f"Bearer {key}"},
+        )
+    first.stop()  # drains the ledger
+
+    port = free_port()
+    again = gateway_factory(metrics_port=port, gateway_id="gw-a")
+    samples = scrape(f"http://127.0.0.1:{port}/metrics")
+    assert samples[("sluis_requests_total", labels)] == 2  # no reset to 0
+    assert samples[("sluis_tokens_total", completion)] == 6
+    httpx.post(
+        f"{again.url}/v1/chat/completions", json=chat, headers={"authorization": f"Bearer {key}"}
+    )
+    assert scrape(f"http://127.0.0.1:{port}/metrics")[("sluis_requests_total", labels)] == 3
+    again.stop()
+
+    # Another replica sharing the database counts only its own requests.
+    other_port = free_port()
+    gateway_factory(metrics_port=other_port, gateway_id="gw-b")
+    assert ("sluis_requests_total", labels) not in scrape(f"http://127.0.0.1:{other_port}/metrics")
