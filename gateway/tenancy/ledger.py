@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import Executable, func, select
 
 from gateway.tenancy.database import Database
 from gateway.tenancy.errors import store_errors
@@ -72,6 +72,11 @@ class Ledger:
             async with self._db.engine.begin() as conn:
                 await conn.exec_driver_sql(self._insert_sql, rows)
 
+    async def _rows(self, query: Executable) -> list[Any]:
+        with store_errors():
+            async with self._db.engine.connect() as conn:
+                return list((await conn.execute(query)).all())
+
     def _row(self, record: UsageRecord) -> tuple[Any, ...]:
         row = record.to_row()
         values = [row[name] for name in _COLUMNS]
@@ -99,9 +104,7 @@ class Ledger:
         )
         for condition in _conditions(where):
             query = query.where(condition)
-        with store_errors():
-            async with self._db.engine.connect() as conn:
-                rows = (await conn.execute(query)).all()
+        rows = await self._rows(query)
         return [
             UsageTotal(
                 tenant_id=row[0],
@@ -130,18 +133,14 @@ class Ledger:
             .where(u.c.gateway_id == gateway_id)
             .group_by(tenants.c.name, u.c.model, u.c.status)
         )
-        with store_errors():
-            async with self._db.engine.connect() as conn:
-                rows = (await conn.execute(query)).all()
+        rows = await self._rows(query)
         return [(r[0], r[1], int(r[2]), int(r[3]), int(r[4]), int(r[5])) for r in rows]
 
     async def records(self, where: UsageFilter, *, limit: int = 100) -> list[UsageRecord]:
         query = select(usage_records).order_by(usage_records.c.created_at.desc()).limit(limit)
         for condition in _conditions(where):
             query = query.where(condition)
-        with store_errors():
-            async with self._db.engine.connect() as conn:
-                rows = (await conn.execute(query)).all()
+        rows = await self._rows(query)
         return [UsageRecord(**row._asdict()) for row in rows]
 
 
