@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+from opentelemetry.trace import TracerProvider
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -39,6 +40,7 @@ from gateway.tenancy.database import Database
 from gateway.tenancy.instances import InstanceRegistry
 from gateway.tenancy.ledger import Ledger
 from gateway.tenancy.tenants import TenantStore
+from gateway.tracing import TRACER_NAME, TracingMiddleware, build_tracer_provider
 from gateway.upstreams.base import Upstream
 from gateway.upstreams.registry import build_upstream
 from quotas.admission import QuotaAdmission
@@ -56,11 +58,15 @@ def create_app(
     clock: Clock | None = None,
     admission: Admission | None = None,
     metrics: Metrics | None = None,
+    tracer_provider: TracerProvider | None = None,
 ) -> Starlette:
     clock = clock or SystemClock()
     metrics = metrics or Metrics()
     admin_token = resolve_admin_token(settings)
     gateway_id = settings.gateway_id or f"{socket.gethostname()}:{settings.port}"
+    own_provider = tracer_provider is None
+    provider = tracer_provider or build_tracer_provider(settings.otlp_endpoint)
+    tracer = provider.get_tracer(TRACER_NAME)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -118,6 +124,7 @@ def create_app(
                 upstream=the_upstream,
                 inflight=inflight,
                 gateway_id=gateway_id,
+                tracer=tracer,
             )
             # Start-up leaves ~10^5 long-lived objects (SQLAlchemy, pydantic, ...); freezing them
             # keeps full garbage collections, which would scan them all, from pausing requests.
@@ -136,6 +143,8 @@ def create_app(
             await the_upstream.aclose()
             if listener is not None:
                 await listener.stop()
+            if own_provider and hasattr(provider, "shutdown"):
+                provider.shutdown()  # flushes spans still batched for export
             if joined:
                 await instances.leave()
             await database.dispose()
@@ -148,7 +157,7 @@ def create_app(
     ]
     return Starlette(
         routes=routes,
-        middleware=[Middleware(RequestIdMiddleware)],
+        middleware=[Middleware(RequestIdMiddleware), Middleware(TracingMiddleware, tracer=tracer)],
         exception_handlers={
             SluisError: _render_error,
             Exception: _render_crash,

@@ -17,6 +17,7 @@ from gateway.upstreams.sse import encode_event
 
 def create_fake_server(engine: FakeEngine | None = None) -> Starlette:
     engine = engine or FakeEngine()
+    traceparents: list[str] = []
 
     async def models(_: Request) -> Response:
         data = [{"id": name, "object": "model", "owned_by": "fake"} for name in engine.models()]
@@ -24,6 +25,9 @@ def create_fake_server(engine: FakeEngine | None = None) -> Starlette:
 
     def handler(endpoint: Endpoint):  # type: ignore[no-untyped-def]
         async def handle(request: Request) -> Response:
+            traceparent = request.headers.get("traceparent")
+            if traceparent:  # kept so tests can see the trace reach the model server
+                traceparents.append(traceparent)
             body = orjson.loads(await request.body())
             try:
                 plan = engine.plan(endpoint, body)
@@ -42,6 +46,7 @@ def create_fake_server(engine: FakeEngine | None = None) -> Starlette:
     ]
     app = Starlette(routes=routes)
     app.state.engine = engine
+    app.state.traceparents = traceparents
     return app
 
 

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
@@ -20,6 +22,7 @@ from gateway.metrics import status_class
 from gateway.payloads import ChatRequest, CompletionRequest, validate_payload
 from gateway.state import GatewayState, gateway_state, request_id
 from gateway.streaming import StreamMeter, StreamRelay, StreamResult
+from gateway.tracing import propagation_headers
 from gateway.upstreams.base import Endpoint, UpstreamCall
 from gateway.upstreams.http import reply_error
 from gateway.usage import Outcome, UsageRecord
@@ -58,7 +61,9 @@ def _endpoint_handler(endpoint: Endpoint):  # type: ignore[no-untyped-def]
 async def _forward(request: Request, endpoint: Endpoint) -> Response | StreamRelay:
     state = gateway_state(request)
     started = state.clock.monotonic()
-    principal = await state.authenticator.authenticate(request.headers.get("authorization"))
+    with state.tracer.start_as_current_span("sluis.auth"):
+        principal = await state.authenticator.authenticate(request.headers.get("authorization"))
+    trace.get_current_span().set_attribute("sluis.tenant", principal.tenant.name)
     body = parse_json_object(await read_limited_body(request, state.settings.max_body_bytes))
     payload = validate_payload(endpoint, body)
     model = state.catalog.resolve(payload.model)
@@ -74,16 +79,17 @@ async def _forward(request: Request, endpoint: Endpoint) -> Response | StreamRel
     elif isinstance(payload, CompletionRequest):
         max_tokens = payload.max_tokens
     rid = request_id(request)
-    admitted = await state.admission.admit(
-        AdmissionRequest(
-            principal=principal,
-            model=model,
-            request_id=rid,
-            endpoint=endpoint,
-            body=body,
-            max_completion_tokens=max_tokens,
+    with state.tracer.start_as_current_span("sluis.admission"):
+        admitted = await state.admission.admit(
+            AdmissionRequest(
+                principal=principal,
+                model=model,
+                request_id=rid,
+                endpoint=endpoint,
+                body=body,
+                max_completion_tokens=max_tokens,
+            )
         )
-    )
     ctx = _Context(state, principal, model, endpoint, rid, started, admitted)
     body["model"] = model.upstream_model
     if payload.stream:
@@ -104,13 +110,18 @@ async def _forward(request: Request, endpoint: Endpoint) -> Response | StreamRel
 async def _complete(ctx: _Context, body: dict[str, Any]) -> Response:
     state = ctx.state
     _enter(ctx)
+    span = _model_span(ctx, body, streamed=False)
+    prompt = completion = 0
     try:
         try:
             state.metrics.gateway_overhead.observe(state.clock.monotonic() - ctx.started)
-            reply = await state.upstream.send(UpstreamCall(ctx.endpoint, body, ctx.request_id))
+            with trace.use_span(span, end_on_exit=False):
+                call = UpstreamCall(ctx.endpoint, body, ctx.request_id, propagation_headers())
+            reply = await state.upstream.send(call)
             if reply.status != 200:
                 raise reply_error(reply)
         except SluisError as exc:
+            span.set_status(trace.StatusCode.ERROR, exc.code)
             await _refused(ctx, exc)
             raise
         prompt, completion, exact = _usage_of(reply.body)
@@ -125,6 +136,7 @@ async def _complete(ctx: _Context, body: dict[str, Any]) -> Response:
         )
         await _settle(ctx, prompt, completion)
     finally:
+        _end_model_span(span, prompt, completion)
         _leave(ctx)
     return Response(reply.body, media_type="application/json", headers=ctx.admitted.headers)
 
@@ -133,11 +145,14 @@ async def _stream(ctx: _Context, body: dict[str, Any], meter: StreamMeter) -> St
     state = ctx.state
     resources = AsyncExitStack()
     state.metrics.gateway_overhead.observe(state.clock.monotonic() - ctx.started)
+    span = _model_span(ctx, body, streamed=True)
+    with trace.use_span(span, end_on_exit=False):
+        call = UpstreamCall(ctx.endpoint, body, ctx.request_id, propagation_headers())
     try:
-        events = await resources.enter_async_context(
-            state.upstream.stream(UpstreamCall(ctx.endpoint, body, ctx.request_id))
-        )
+        events = await resources.enter_async_context(state.upstream.stream(call))
     except SluisError as exc:
+        span.set_status(trace.StatusCode.ERROR, exc.code)
+        _end_model_span(span, 0, 0)
         await _refused(ctx, exc)
         raise
     _enter(ctx)
@@ -156,6 +171,10 @@ async def _stream(ctx: _Context, body: dict[str, Any], meter: StreamMeter) -> St
             )
             await _settle(ctx, result.prompt_tokens, result.completion_tokens)
         finally:
+            if result.outcome == "error":
+                span.set_status(trace.StatusCode.ERROR, "stream broke off")
+            span.set_attribute("sluis.outcome", result.outcome)
+            _end_model_span(span, result.prompt_tokens, result.completion_tokens)
             _leave(ctx)
 
     return StreamRelay(
@@ -166,6 +185,38 @@ async def _stream(ctx: _Context, body: dict[str, Any], meter: StreamMeter) -> St
         clock=state.clock,
         on_finish=finish,
     )
+
+
+_OPERATIONS = {
+    Endpoint.CHAT: "chat",
+    Endpoint.COMPLETIONS: "text_completion",
+    Endpoint.EMBEDDINGS: "embeddings",
+}
+
+
+def _model_span(ctx: _Context, body: dict[str, Any], *, streamed: bool) -> Span:
+    """The call to the model, per the GenAI semantic conventions (counts only, never text)."""
+    operation = _OPERATIONS[ctx.endpoint]
+    attributes: dict[str, Any] = {
+        "gen_ai.operation.name": operation,
+        "gen_ai.request.model": ctx.model.id,
+        "sluis.upstream.model": ctx.model.upstream_model,
+        "sluis.tenant": ctx.principal.tenant.name,
+        "sluis.request_id": ctx.request_id,
+        "sluis.stream": streamed,
+    }
+    max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+    if isinstance(max_tokens, int):
+        attributes["gen_ai.request.max_tokens"] = max_tokens
+    return ctx.state.tracer.start_span(
+        f"{operation} {ctx.model.id}", kind=SpanKind.CLIENT, attributes=attributes
+    )
+
+
+def _end_model_span(span: Span, prompt: int, completion: int) -> None:
+    span.set_attribute("gen_ai.usage.input_tokens", prompt)
+    span.set_attribute("gen_ai.usage.output_tokens", completion)
+    span.end()
 
 
 def _enter(ctx: _Context) -> None:

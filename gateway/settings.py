@@ -86,6 +86,7 @@ class Settings(BaseSettings):
     redis_url: str | None = None
     # Names this gateway in the ledger; stable across restarts (default: host:port).
     gateway_id: str | None = Field(default=None, max_length=128)
+    otlp_endpoint: str | None = None
     metrics_host: str = "127.0.0.1"
     # The /metrics listener, apart from the API; 0 turns it off.
     metrics_port: int = Field(default=9464, ge=0, le=65535)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from opentelemetry.trace import Tracer
 from starlette.requests import Request
 
 from gateway.admission import Admission
@@ -37,6 +38,7 @@ class GatewayState:
     upstream: Upstream
     inflight: Inflight
     gateway_id: str
+    tracer: Tracer
     quotas: QuotaAdmission
     metrics: Metrics
 

@@ -123,6 +123,7 @@ def gateway_factory(tmp_path: Path, fake_engine_server: ServerThread) -> Iterato
         clock: Clock | None = None,
         database_url: str | None = None,
         graceful_s: int = 10,
+        tracer_provider: Any = None,
         **overrides: Any,
     ) -> RunningGateway:
         values: dict[str, Any] = {
@@ -134,7 +135,7 @@ def gateway_factory(tmp_path: Path, fake_engine_server: ServerThread) -> Iterato
         }
         values.update(overrides)
         settings = Settings(**values)
-        app = create_app(settings, upstream=upstream, clock=clock)
+        app = create_app(settings, upstream=upstream, clock=clock, tracer_provider=tracer_provider)
         running = RunningGateway(ServerThread(app, graceful_s=graceful_s).start(), settings)
         started.append(running)
         return running

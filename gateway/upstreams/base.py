@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
@@ -22,6 +22,8 @@ class UpstreamCall:
     endpoint: Endpoint
     body: dict[str, Any]
     request_id: str
+    # Trace propagation (`traceparent`) for the model server.
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -81,7 +81,7 @@ class HTTPUpstream:
             async with self._client().post(
                 f"{self._base}/{call.endpoint}",
                 data=orjson.dumps(call.body),
-                headers={"x-request-id": call.request_id},
+                headers={"x-request-id": call.request_id, **call.headers},
             ) as response:
                 return UpstreamReply(status=response.status, body=await response.read())
 
@@ -91,7 +91,11 @@ class HTTPUpstream:
             response = await self._client().post(
                 f"{self._base}/{call.endpoint}",
                 data=orjson.dumps(call.body),
-                headers={"x-request-id": call.request_id, "accept": "text/event-stream"},
+                headers={
+                    "x-request-id": call.request_id,
+                    "accept": "text/event-stream",
+                    **call.headers,
+                },
             )
         try:
             if response.status != 200:
