@@ -35,3 +35,11 @@ if ! port_open 6379; then
   wait_port 6379
 fi
 echo "services: Redis on 127.0.0.1:6379"
+
+# Prometheus is not a service the tests share: each test that needs it starts its own server
+# (free port, own data folder). Only the binary must be here.
+if ! command -v prometheus >/dev/null; then
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq prometheus >/dev/null
+fi
+echo "services: $(prometheus --version 2>&1 | head -1)"
