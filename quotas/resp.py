@@ -45,12 +45,24 @@ class RespConnection:
     async def _send(self, writer: asyncio.StreamWriter, args: tuple[Any, ...]) -> Any:
         waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
-        writer.write(_encode(args))
+        self._write(writer, _encode(args))
         try:
             return await asyncio.wait_for(waiter, self._timeout_s)
         except TimeoutError:
             self._drop(ConnectionError("Redis did not answer in time"))
             raise
+
+    def _write(self, writer: asyncio.StreamWriter, data: bytes) -> None:
+        """Write, or fail every waiter at once when Redis closed the connection under us
+        (before the reader task noticed: uvloop then refuses the write with RuntimeError)."""
+        try:
+            if writer.is_closing():
+                raise ConnectionError("Redis closed the connection")
+            writer.write(data)
+        except (RuntimeError, ConnectionError) as exc:
+            error = ConnectionError(f"Redis connection lost: {exc}")
+            self._drop(error)
+            raise error from exc
 
     async def _connection(self) -> asyncio.StreamWriter:
         if self._writer is not None:
