@@ -8,6 +8,7 @@ from starlette.responses import Response
 
 from gateway.errors import SluisError
 from gateway.state import gateway_state
+from quotas.store import StoreFailure
 
 
 async def healthz(_: Request) -> Response:
@@ -22,6 +23,11 @@ async def readyz(request: Request) -> Response:
         checks["database"] = "ok"
     except Exception as exc:  # any failure means "not ready"; the check says which
         checks["database"] = f"unavailable: {type(exc).__name__}"
+    try:
+        await state.quotas.ping()
+        checks["quota_store"] = "ok"
+    except StoreFailure as exc:
+        checks["quota_store"] = f"unavailable: {exc}"
     try:
         served = set(await state.upstream.list_models())
         for model in state.catalog:

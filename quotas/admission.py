@@ -175,6 +175,10 @@ class QuotaAdmission:
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
+    async def ping(self) -> None:
+        """Raises `StoreFailure` when the quota store cannot be reached."""
+        await self._store.ping()
+
     async def drain(self) -> None:
         """Wait for the reconciliations under way."""
         while self._pending:

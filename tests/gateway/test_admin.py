@@ -139,6 +139,7 @@ def test_health_and_readiness(gateway: RunningGateway) -> None:
     assert ready.status_code == 200
     assert ready.json()["checks"] == {
         "database": "ok",
+        "quota_store": "ok",
         "model:fake-chat": "ok",
         "model:fake-embed": "ok",
     }

@@ -250,3 +250,11 @@ def test_store_down(gateway_factory: GatewayFactory, mode: str | None) -> None:
     )
     assert failures == 1
     assert_openai_error(gateway.admin("GET", "/tenants/acme/quota"), 503, "store_unavailable")
+
+
+def test_readiness_reports_the_quota_store(gateway_factory: GatewayFactory) -> None:
+    gateway = gateway_factory(redis_url=_dead_redis(), file=FileConfig(models=MODELS))
+    ready = httpx.get(f"{gateway.url}/readyz")
+    assert ready.status_code == 503
+    assert ready.json()["checks"]["quota_store"].startswith("unavailable")
+    assert ready.json()["checks"]["database"] == "ok"
