@@ -81,10 +81,11 @@ def create_app(
                 metrics.registry, host=settings.metrics_host, port=settings.metrics_port
             )
         joined = False
+        prices = PriceBook(settings.file.prices)
         quotas = QuotaAdmission(
             build_store(settings),
             defaults=settings.file.quotas,
-            prices=PriceBook(settings.file.prices),
+            prices=prices,
             clock=clock,
             metrics=metrics,
             fail_mode=settings.quota_fail_mode,
@@ -125,6 +126,7 @@ def create_app(
                 inflight=inflight,
                 gateway_id=gateway_id,
                 tracer=tracer,
+                prices=prices,
             )
             # Start-up leaves ~10^5 long-lived objects (SQLAlchemy, pydantic, ...); freezing them
             # keeps full garbage collections, which would scan them all, from pausing requests.

@@ -7,7 +7,11 @@ their own (`SLUIS_METRICS_PORT`), never on the tenant API.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from gateway.tenancy.ledger import CounterSeed
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
@@ -32,6 +36,12 @@ class Metrics:
             "sluis_tokens",
             "Tokens metered, by tenant, model and kind (prompt|completion).",
             ["tenant", "model", "kind"],
+            registry=r,
+        )
+        self.cost = Counter(
+            "sluis_cost_micro_eur",
+            "What the price book charged, in micro-euros (integers: exact), by tenant and model.",
+            ["tenant", "model"],
             registry=r,
         )
         self.request_duration = Histogram(
@@ -80,12 +90,35 @@ class Metrics:
             registry=r,
         )
 
-    def seed(self, totals: list[tuple[str, str, int, int, int, int]]) -> None:
+    def seed(self, totals: Sequence[CounterSeed]) -> None:
         """Start the counters where this gateway's ledger records leave them, so a restart is
         no counter reset: Prometheus' increase() then loses nothing across it."""
-        for tenant, model, status, requests, prompt, completion in totals:
-            self.requests.labels(tenant, model, status_class(status)).inc(requests)
-            if prompt:
-                self.tokens.labels(tenant, model, "prompt").inc(prompt)
-            if completion:
-                self.tokens.labels(tenant, model, "completion").inc(completion)
+        for seed in totals:
+            self.count(
+                seed.tenant,
+                seed.model,
+                seed.status,
+                requests=seed.requests,
+                prompt=seed.prompt_tokens,
+                completion=seed.completion_tokens,
+                cost_micro_eur=seed.cost_micro_eur,
+            )
+
+    def count(
+        self,
+        tenant: str,
+        model: str,
+        status: int,
+        *,
+        requests: int,
+        prompt: int,
+        completion: int,
+        cost_micro_eur: int,
+    ) -> None:
+        self.requests.labels(tenant, model, status_class(status)).inc(requests)
+        if prompt:
+            self.tokens.labels(tenant, model, "prompt").inc(prompt)
+        if completion:
+            self.tokens.labels(tenant, model, "completion").inc(completion)
+        if cost_micro_eur:
+            self.cost.labels(tenant, model).inc(cost_micro_eur)

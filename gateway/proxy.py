@@ -18,7 +18,6 @@ from gateway.auth import Principal
 from gateway.body import parse_json_object, read_limited_body
 from gateway.catalog import Model
 from gateway.errors import PermissionDenied, SluisError, UpstreamUnavailable
-from gateway.metrics import status_class
 from gateway.payloads import ChatRequest, CompletionRequest, validate_payload
 from gateway.state import GatewayState, gateway_state, request_id
 from gateway.streaming import StreamMeter, StreamRelay, StreamResult
@@ -250,7 +249,12 @@ def _meter(
 ) -> None:
     clock = ctx.state.clock
     duration = clock.monotonic() - ctx.started
-    _observe(ctx, prompt, completion, status, duration, ttft if streamed else None)
+    cost = (
+        ctx.state.prices.micro_eur(ctx.model.id, prompt, completion)
+        if (prompt or completion)
+        else 0
+    )
+    _observe(ctx, prompt, completion, status, duration, ttft if streamed else None, cost)
     ctx.state.meter.record(
         UsageRecord(
             request_id=ctx.request_id,
@@ -267,19 +271,24 @@ def _meter(
             duration_ms=round(duration * 1000, 3),
             created_at=clock.now(),
             gateway_id=ctx.state.gateway_id,
+            cost_micro_eur=cost,
         )
     )
 
 
 def _observe(
-    ctx: _Context, prompt: int, completion: int, status: int, duration: float, ttft: float | None
+    ctx: _Context,
+    prompt: int,
+    completion: int,
+    status: int,
+    duration: float,
+    ttft: float | None,
+    cost: int,
 ) -> None:
     metrics, tenant, model = ctx.state.metrics, ctx.principal.tenant.name, ctx.model.id
-    metrics.requests.labels(tenant, model, status_class(status)).inc()
-    if prompt:
-        metrics.tokens.labels(tenant, model, "prompt").inc(prompt)
-    if completion:
-        metrics.tokens.labels(tenant, model, "completion").inc(completion)
+    metrics.count(
+        tenant, model, status, requests=1, prompt=prompt, completion=completion, cost_micro_eur=cost
+    )
     metrics.request_duration.labels(model).observe(duration)
     if ttft is not None:  # streams only: a whole answer has no first token to time
         first = ttft - ctx.started

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from opentelemetry.trace import Tracer
 from starlette.requests import Request
 
+from billing.prices import PriceBook
 from gateway.admission import Admission
 from gateway.auth import Authenticator
 from gateway.catalog import ModelCatalog
@@ -39,6 +40,7 @@ class GatewayState:
     inflight: Inflight
     gateway_id: str
     tracer: Tracer
+    prices: PriceBook
     quotas: QuotaAdmission
     metrics: Metrics
 

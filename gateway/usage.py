@@ -29,6 +29,8 @@ class UsageRecord:
     created_at: datetime
     # The gateway that metered it: each seeds its own counters from its own records.
     gateway_id: str = ""
+    # The price book's charge for it, fixed when metered (a later price change never rewrites it).
+    cost_micro_eur: int = 0
 
     def to_row(self) -> dict[str, Any]:
         # Not dataclasses.asdict: that deep-copies every field, a measurable cost per request.
@@ -38,6 +40,7 @@ class UsageRecord:
         row = self.to_row()
         row["created_at"] = self.created_at.isoformat().replace("+00:00", "Z")
         row["total_tokens"] = self.prompt_tokens + self.completion_tokens
+        row["cost_eur"] = self.cost_micro_eur / 1_000_000
         return row
 
 

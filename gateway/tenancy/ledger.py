@@ -37,6 +37,17 @@ class UsageFilter:
 
 
 @dataclass(frozen=True, slots=True)
+class CounterSeed:
+    tenant: str
+    model: str
+    status: int
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost_micro_eur: int
+
+
+@dataclass(frozen=True, slots=True)
 class UsageTotal:
     tenant_id: str
     tenant: str
@@ -44,6 +55,7 @@ class UsageTotal:
     requests: int
     prompt_tokens: int
     completion_tokens: int
+    cost_micro_eur: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -54,6 +66,7 @@ class UsageTotal:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "cost_eur": self.cost_micro_eur / 1_000_000,
         }
 
 
@@ -97,6 +110,7 @@ class Ledger:
                 func.count().label("requests"),
                 func.coalesce(func.sum(u.c.prompt_tokens), 0).label("prompt_tokens"),
                 func.coalesce(func.sum(u.c.completion_tokens), 0).label("completion_tokens"),
+                func.coalesce(func.sum(u.c.cost_micro_eur), 0).label("cost_micro_eur"),
             )
             .join(tenants, tenants.c.id == u.c.tenant_id)
             .group_by(u.c.tenant_id, tenants.c.name, u.c.model)
@@ -113,12 +127,13 @@ class Ledger:
                 requests=int(row[3]),
                 prompt_tokens=int(row[4]),
                 completion_tokens=int(row[5]),
+                cost_micro_eur=int(row[6]),
             )
             for row in rows
         ]
 
-    async def counter_seed(self, gateway_id: str) -> list[tuple[str, str, int, int, int, int]]:
-        """(tenant name, model, status, requests, prompt, completion) metered by one gateway."""
+    async def counter_seed(self, gateway_id: str) -> list[CounterSeed]:
+        """What one gateway metered, per tenant, model and status: its counters' start."""
         u = usage_records
         query = (
             select(
@@ -128,13 +143,16 @@ class Ledger:
                 func.count(),
                 func.coalesce(func.sum(u.c.prompt_tokens), 0),
                 func.coalesce(func.sum(u.c.completion_tokens), 0),
+                func.coalesce(func.sum(u.c.cost_micro_eur), 0),
             )
             .join(tenants, tenants.c.id == u.c.tenant_id)
             .where(u.c.gateway_id == gateway_id)
             .group_by(tenants.c.name, u.c.model, u.c.status)
         )
-        rows = await self._rows(query)
-        return [(r[0], r[1], int(r[2]), int(r[3]), int(r[4]), int(r[5])) for r in rows]
+        return [
+            CounterSeed(r[0], r[1], int(r[2]), int(r[3]), int(r[4]), int(r[5]), int(r[6]))
+            for r in await self._rows(query)
+        ]
 
     async def records(self, where: UsageFilter, *, limit: int = 100) -> list[UsageRecord]:
         query = select(usage_records).order_by(usage_records.c.created_at.desc()).limit(limit)

@@ -7,6 +7,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     Column,
     DateTime,
@@ -88,6 +89,7 @@ usage_records = Table(
     Column("duration_ms", Float, nullable=False),
     Column("created_at", UTCDateTime, nullable=False),
     Column("gateway_id", String(128), nullable=False, server_default=""),
+    Column("cost_micro_eur", BigInteger, nullable=False, server_default="0"),
     Index("ix_usage_tenant_time", "tenant_id", "created_at"),
     Index("ix_usage_gateway", "gateway_id"),
     Index("ix_usage_time", "created_at"),

@@ -5,6 +5,8 @@ from __future__ import annotations
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from billing.prices import ModelPrice
+from gateway.settings import FileConfig
 from loadtests.processes import free_port
 from tests.conftest import GatewayFactory
 
@@ -80,7 +82,10 @@ def test_counters_survive_a_restart_seeded_from_this_gateways_ledger(
     labels = (("model", "fake-chat"), ("status", "2xx"), ("tenant", "acme"))
     completion = (("kind", "completion"), ("model", "fake-chat"), ("tenant", "acme"))
 
-    first = gateway_factory(metrics_port=free_port(), gateway_id="gw-a")
+    priced = FileConfig(
+        prices={"fake-chat": ModelPrice(prompt_eur_per_million=1.5, completion_eur_per_million=4.5)}
+    )
+    first = gateway_factory(metrics_port=free_port(), gateway_id="gw-a", file=priced)
     key = first.create_tenant("acme")
     for _ in range(2):
         httpx.post(
@@ -91,10 +96,19 @@ def test_counters_survive_a_restart_seeded_from_this_gateways_ledger(
     first.stop()  # drains the ledger
 
     port = free_port()
-    again = gateway_factory(metrics_port=port, gateway_id="gw-a")
+    again = gateway_factory(metrics_port=port, gateway_id="gw-a", file=priced)
     samples = scrape(f"http://127.0.0.1:{port}/metrics")
     assert samples[("sluis_requests_total", labels)] == 2  # no reset to 0
     assert samples[("sluis_tokens_total", completion)] == 6
+    # 2 requests x (2 prompt x 1.5 + 3 completion x 4.5) micro-euros, as the ledger charged.
+    cost = (("model", "fake-chat"), ("tenant", "acme"))
+    assert (
+        samples[("sluis_cost_micro_eur_total", cost)]
+        == 2 * 17
+        == sum(r["cost_micro_eur"] for r in again.records())
+    )
+    [total] = again.admin("GET", "/usage").json()["data"]
+    assert total["cost_eur"] == 34 / 1_000_000
     httpx.post(
         f"{again.url}/v1/chat/completions", json=chat, headers={"authorization": f"Bearer {key}"}
     )
