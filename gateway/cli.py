@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import csv
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from billing.prometheus import BillingError
 from gateway.admin_client import AdminClient, AdminError
 from gateway.serve import run_async
 from gateway.settings import ConfigError, load_settings
@@ -25,6 +28,14 @@ USAGE_COLUMNS = (
     "prompt_tokens",
     "completion_tokens",
     "total_tokens",
+)
+INVOICE_COLUMNS = (
+    "tenant",
+    "model",
+    "prompt_tokens",
+    "completion_tokens",
+    "requests",
+    "amount_eur",
 )
 QUOTA_COLUMNS = ("scope", "limit", "max", "used", "reserved", "remaining", "reset_s")
 AUDIT_COLUMNS = ("id", "at", "actor", "action", "target_type", "target_id")
@@ -44,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"sluis: configuration error: {exc}", file=sys.stderr)
         return 2
-    except AdminError as exc:
+    except (AdminError, BillingError) as exc:
         print(f"sluis: {exc}", file=sys.stderr)
         return exc.exit_code
 
@@ -252,6 +263,38 @@ def _audit(args: argparse.Namespace) -> int:
     return _show(args, _admin(args, "GET", "/audit", params=params), AUDIT_COLUMNS)
 
 
+def _invoice(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from billing.invoice import Period, build_invoice
+    from billing.prometheus import PrometheusReader
+
+    now = datetime.now(UTC)
+    period = Period.parse(args.period, now=now)
+    if args.tenant:
+        _admin(args, "GET", f"/tenants/{args.tenant}")  # an unknown tenant is an error, not 0
+    url = args.prometheus or os.environ.get("SLUIS_PROMETHEUS_URL", "http://127.0.0.1:9090")
+    reader = PrometheusReader(url)
+    try:
+        invoice = build_invoice(reader, period, now=now, tenant=args.tenant)
+    finally:
+        reader.close()
+    payload = invoice.to_json()
+    if args.format == "json" or args.json:
+        print(json.dumps(payload, indent=2))
+    elif args.format == "csv":
+        out = csv.writer(sys.stdout)
+        out.writerow(INVOICE_COLUMNS)
+        for line in payload["lines"]:
+            out.writerow([line[column] for column in INVOICE_COLUMNS])
+    else:
+        state = "final" if invoice.final else f"open, to {invoice.end:%Y-%m-%d %H:%M} UTC"
+        print(f"Invoice {invoice.period} ({state})")
+        print(render_table(payload["lines"], INVOICE_COLUMNS))
+        print(f"total EUR {payload['total_eur']:.6f}")
+    return 0
+
+
 def _split(models: str | None) -> list[str]:
     return [m.strip() for m in (models or "").split(",") if m.strip()]
 
@@ -359,6 +402,15 @@ def _parser() -> argparse.ArgumentParser:
     usage.add_argument("--from", dest="start", help="ISO date or datetime (inclusive)")
     usage.add_argument("--to", dest="end", help="ISO date or datetime (exclusive)")
     usage.set_defaults(run=_usage)
+
+    invoice = commands.add_parser(
+        "invoice", parents=[admin], help="usage and amounts per tenant and model, from Prometheus"
+    )
+    invoice.add_argument("--period", required=True, help="YYYY-MM")
+    invoice.add_argument("--tenant")
+    invoice.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    invoice.add_argument("--prometheus", help="default $SLUIS_PROMETHEUS_URL or :9090")
+    invoice.set_defaults(run=_invoice)
 
     audit = commands.add_parser("audit", parents=[admin], help="the admin audit log")
     audit.add_argument("--tenant")

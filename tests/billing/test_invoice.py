@@ -1,0 +1,148 @@
+"""`sluis invoice` reading a real Prometheus: it equals the ledger; bad input fails clearly."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import pytest
+
+from billing.invoice import Period
+from billing.prices import ModelPrice
+from billing.prometheus import BillingError
+from gateway.cli import main
+from gateway.settings import FileConfig
+from loadtests.processes import free_port
+from tests.conftest import ADMIN_TOKEN, GatewayFactory, RunningGateway
+from tests.prometheus import PrometheusServer
+
+PRICES = {
+    "fake-chat": ModelPrice(
+        prompt_eur_per_million=2, completion_eur_per_million=6, eur_per_request=0.0001
+    )
+}
+
+
+@pytest.fixture
+def metered(
+    tmp_path: Path, gateway_factory: GatewayFactory
+) -> Iterator[tuple[RunningGateway, PrometheusServer]]:
+    port = free_port()
+    gateway = gateway_factory(metrics_port=port, file=FileConfig(prices=PRICES))
+    prometheus = PrometheusServer(tmp_path / "prom", [f"127.0.0.1:{port}"])
+    try:
+        prometheus.wait_ready()
+        yield gateway, prometheus
+    finally:
+        prometheus.stop()
+
+
+def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = main(["invoice", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_invoice_equals_the_ledger(
+    metered: tuple[RunningGateway, PrometheusServer],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    gateway, prometheus = metered
+    monkeypatch.setenv("SLUIS_URL", gateway.url)
+    monkeypatch.setenv("SLUIS_ADMIN_TOKEN", ADMIN_TOKEN)
+    for name, requests in (("acme", 3), ("city", 2)):
+        key = gateway.create_tenant(name)
+        for i in range(requests):
+            body = {
+                "model": "fake-chat",
+                "max_tokens": 4 + i,
+                "stream": i % 2 == 1,
+                "messages": [{"role": "user", "content": "een twee drie"}],
+            }
+            httpx.post(
+                f"{gateway.url}/v1/chat/completions",
+                json=body,
+                headers={"authorization": f"Bearer {key}"},
+            ).read()
+    records = gateway.records()
+    expected = {}
+    for tenant_name, tenant_id in (
+        (t["name"], t["id"]) for t in gateway.admin("GET", "/tenants").json()["data"]
+    ):
+        mine = [r for r in records if r["tenant_id"] == tenant_id]
+        expected[tenant_name] = {
+            "prompt_tokens": sum(r["prompt_tokens"] for r in mine),
+            "completion_tokens": sum(r["completion_tokens"] for r in mine),
+            "requests": len(mine),
+            "amount_eur": sum(r["cost_micro_eur"] for r in mine) / 1_000_000,
+        }
+    period = datetime.now(UTC).strftime("%Y-%m")
+    deadline = time.monotonic() + 30
+    while True:  # until Prometheus has scraped the last requests
+        code, out, _ = run(
+            capsys, "--period", period, "--prometheus", prometheus.url, "--format", "json"
+        )
+        assert code == 0
+        invoice = json.loads(out)
+        got = {line["tenant"]: {k: line[k] for k in expected["acme"]} for line in invoice["lines"]}
+        if got == expected or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert got == expected
+    assert invoice["final"] is False
+    assert expected["acme"]["amount_eur"] > 0
+    code, out, _ = run(
+        capsys, "--period", period, "--prometheus", prometheus.url, "--tenant", "city"
+    )
+    assert code == 0 and "city" in out and "acme" not in out
+    code, out, _ = run(
+        capsys, "--period", period, "--prometheus", prometheus.url, "--format", "csv"
+    )
+    assert out.splitlines()[0] == (
+        "tenant,model,prompt_tokens,completion_tokens,requests,amount_eur"
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["--period", "2026-13"], 2, "YYYY-MM"),
+        (["--period", "november"], 2, "YYYY-MM"),
+        (["--period", "2999-01"], 2, "not begun"),
+        (["--period", "2026-01", "--tenant", "nobody"], 1, "tenant_not_found"),
+        (["--period", "2026-01", "--prometheus", "http://127.0.0.1:9"], 3, "cannot reach"),
+    ],
+)
+def test_bad_input_fails_clearly_and_prints_nothing(
+    gateway: RunningGateway,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    args: list[str],
+    code: int,
+    message: str,
+) -> None:
+    monkeypatch.setenv("SLUIS_URL", gateway.url)
+    monkeypatch.setenv("SLUIS_ADMIN_TOKEN", ADMIN_TOKEN)
+    monkeypatch.setenv("SLUIS_PROMETHEUS_URL", "http://127.0.0.1:9")
+    got, out, err = run(capsys, *args)
+    assert got == code
+    assert out == ""
+    assert message in err
+
+
+def test_period_boundaries() -> None:
+    now = datetime(2027, 1, 15, tzinfo=UTC)
+    december = Period.parse("2026-12", now=now)
+    assert (december.start, december.end) == (
+        datetime(2026, 12, 1, tzinfo=UTC),
+        datetime(2027, 1, 1, tzinfo=UTC),
+    )
+    assert december.closed(now)
+    assert not Period.parse("2027-01", now=now).closed(now)
+    with pytest.raises(BillingError):
+        Period.parse("2027-02", now=now)
