@@ -277,9 +277,20 @@ def _invoice(args: argparse.Namespace) -> int:
     reader = PrometheusReader(url)
     try:
         invoice = build_invoice(reader, period, now=now, tenant=args.tenant)
+        report = None
+        if args.reconcile:
+            from billing.reconcile import reconcile
+
+            params = {"from": invoice.start.isoformat(), "to": invoice.end.isoformat()}
+            if args.tenant:
+                params["tenant"] = args.tenant
+            ledger = _admin(args, "GET", "/usage", params=params)["data"]
+            report = reconcile(invoice, ledger, reader, gap_step_s=args.gap_step_seconds)
     finally:
         reader.close()
     payload = invoice.to_json()
+    if report is not None:
+        payload["reconciliation"] = report.to_json()
     if args.format == "json" or args.json:
         print(json.dumps(payload, indent=2))
     elif args.format == "csv":
@@ -292,7 +303,26 @@ def _invoice(args: argparse.Namespace) -> int:
         print(f"Invoice {invoice.period} ({state})")
         print(render_table(payload["lines"], INVOICE_COLUMNS))
         print(f"total EUR {payload['total_eur']:.6f}")
+        if report is not None:
+            _print_reconciliation(report.to_json())
+    if report is not None and not report.clean:
+        return 4  # differences or gaps: billing must not go out silently short
     return 0
+
+
+def _print_reconciliation(report: dict[str, Any]) -> None:
+    if report["clean"]:
+        print("reconciliation: Prometheus and the ledger agree; no scrape gaps")
+        return
+    if report["differences"]:
+        print("reconciliation: DIFFERENCES (Prometheus vs ledger)")
+        print(
+            render_table(
+                report["differences"], ("tenant", "model", "field", "prometheus", "ledger")
+            )
+        )
+    for gap in report["gaps"]:
+        print(f"reconciliation: SCRAPE GAP at {gap['target']} from {gap['start']} to {gap['end']}")
 
 
 def _split(models: str | None) -> list[str]:
@@ -410,6 +440,17 @@ def _parser() -> argparse.ArgumentParser:
     invoice.add_argument("--tenant")
     invoice.add_argument("--format", choices=["table", "json", "csv"], default="table")
     invoice.add_argument("--prometheus", help="default $SLUIS_PROMETHEUS_URL or :9090")
+    invoice.add_argument(
+        "--reconcile",
+        action="store_true",
+        help="compare with the ledger and report scrape gaps (exit 4 if any)",
+    )
+    invoice.add_argument(
+        "--gap-step-seconds",
+        type=float,
+        default=60.0,
+        help="the shortest scrape gap reported (default 60)",
+    )
     invoice.set_defaults(run=_invoice)
 
     audit = commands.add_parser("audit", parents=[admin], help="the admin audit log")

@@ -27,16 +27,25 @@ class PrometheusServer:
             f"      - targets: [{', '.join(repr(t) for t in targets)}]\n"
         )
         self._log = (workdir / "prometheus.log").open("wb")
-        self.process = subprocess.Popen(
-            [
-                "prometheus",
-                f"--config.file={config}",
-                f"--storage.tsdb.path={workdir / 'tsdb'}",
-                f"--web.listen-address=127.0.0.1:{self.port}",
-            ],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
+        self._command = [
+            "prometheus",
+            f"--config.file={config}",
+            f"--storage.tsdb.path={workdir / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{self.port}",
+        ]
+        self.process = self._start()
+
+    def _start(self) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(self._command, stdout=self._log, stderr=subprocess.STDOUT)
+
+    def pause(self) -> None:
+        """Stop the server, keeping its data: a scrape gap until `resume`."""
+        self.process.terminate()
+        self.process.wait(30)
+
+    def resume(self) -> None:
+        self.process = self._start()
+        self.wait_ready()
 
     def wait_ready(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout

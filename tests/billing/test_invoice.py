@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -96,6 +97,9 @@ def test_invoice_equals_the_ledger(
     assert got == expected
     assert invoice["final"] is False
     assert expected["acme"]["amount_eur"] > 0
+    code, out, _ = run(capsys, "--period", period, "--prometheus", prometheus.url, "--reconcile")
+    assert code == 0, out
+    assert "Prometheus and the ledger agree; no scrape gaps" in out
     code, out, _ = run(
         capsys, "--period", period, "--prometheus", prometheus.url, "--tenant", "city"
     )
@@ -146,3 +150,61 @@ def test_period_boundaries() -> None:
     assert not Period.parse("2027-01", now=now).closed(now)
     with pytest.raises(BillingError):
         Period.parse("2027-02", now=now)
+
+
+def test_a_prometheus_outage_is_reported_as_a_gap(
+    metered: tuple[RunningGateway, PrometheusServer],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    gateway, prometheus = metered
+    monkeypatch.setenv("SLUIS_URL", gateway.url)
+    monkeypatch.setenv("SLUIS_ADMIN_TOKEN", ADMIN_TOKEN)
+    key = gateway.create_tenant("acme")
+    headers = {"authorization": f"Bearer {key}"}
+    body = {"model": "fake-chat", "max_tokens": 3, "messages": [{"role": "user", "content": "x"}]}
+    period = datetime.now(UTC).strftime("%Y-%m")
+
+    def chat() -> None:
+        httpx.post(f"{gateway.url}/v1/chat/completions", json=body, headers=headers)
+
+    def invoice() -> tuple[int, dict[str, Any]]:
+        code, out, _ = run(
+            capsys,
+            "--period",
+            period,
+            "--prometheus",
+            prometheus.url,
+            "--format",
+            "json",
+            "--reconcile",
+            "--gap-step-seconds",
+            "2",
+        )
+        report: dict[str, Any] = json.loads(out)
+        return code, report
+
+    def scraped(requests: int) -> tuple[int, dict[str, Any]]:
+        deadline = time.monotonic() + 30
+        while True:  # Prometheus' first scrape of a new target comes 5-10 s after it starts
+            code, report = invoice()
+            lines = report["lines"]
+            if (lines and lines[0]["requests"] == requests) or time.monotonic() > deadline:
+                return code, report
+            time.sleep(0.5)
+
+    chat()
+    scraped(1)
+    prometheus.pause()
+    chat()  # used while nobody scrapes
+    time.sleep(5)
+    prometheus.resume()
+    chat()
+    code, report = scraped(3)
+    reconciliation = report["reconciliation"]
+    assert code == 4
+    assert reconciliation["clean"] is False
+    [gap] = reconciliation["gaps"]
+    assert gap["target"] == f"127.0.0.1:{gateway.settings.metrics_port}"
+    # The counters are cumulative, so even across the gap nothing is lost or doubled.
+    assert reconciliation["differences"] == []
