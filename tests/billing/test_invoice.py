@@ -42,6 +42,16 @@ def metered(
         prometheus.stop()
 
 
+@pytest.fixture
+def cli_metered(
+    metered: tuple[RunningGateway, PrometheusServer], monkeypatch: pytest.MonkeyPatch
+) -> tuple[RunningGateway, PrometheusServer]:
+    """The metered stack, with the CLI's environment pointing at its gateway."""
+    monkeypatch.setenv("SLUIS_URL", metered[0].url)
+    monkeypatch.setenv("SLUIS_ADMIN_TOKEN", ADMIN_TOKEN)
+    return metered
+
+
 def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
     code = main(["invoice", *args])
     out, err = capsys.readouterr()
@@ -49,13 +59,9 @@ def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
 
 
 def test_invoice_equals_the_ledger(
-    metered: tuple[RunningGateway, PrometheusServer],
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
+    cli_metered: tuple[RunningGateway, PrometheusServer], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    gateway, prometheus = metered
-    monkeypatch.setenv("SLUIS_URL", gateway.url)
-    monkeypatch.setenv("SLUIS_ADMIN_TOKEN", ADMIN_TOKEN)
+    gateway, prometheus = cli_metered
     for name, requests in (("acme", 3), ("city", 2)):
         key = gateway.create_tenant(name)
         for i in range(requests):
@@ -153,13 +159,9 @@ def test_period_boundaries() -> None:
 
 
 def test_a_prometheus_outage_is_reported_as_a_gap(
-    metered: tuple[RunningGateway, PrometheusServer],
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
+    cli_metered: tuple[RunningGateway, PrometheusServer], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    gateway, prometheus = metered
-    monkeypatch.setenv("SLUIS_URL", gateway.url)
-    monkeypatch.setenv("SLUIS_ADMIN_TOKEN", ADMIN_TOKEN)
+    gateway, prometheus = cli_metered
     key = gateway.create_tenant("acme")
     headers = {"authorization": f"Bearer {key}"}
     body = {"model": "fake-chat", "max_tokens": 3, "messages": [{"role": "user", "content": "x"}]}
