@@ -293,6 +293,10 @@ def _invoice(args: argparse.Namespace) -> int:
         payload["reconciliation"] = report.to_json()
     if args.format == "json" or args.json:
         print(json.dumps(payload, indent=2))
+    elif args.format == "html":
+        from billing.html import render_html
+
+        print(render_html(invoice, issuer=args.issuer), end="")
     elif args.format == "csv":
         out = csv.writer(sys.stdout)
         out.writerow(INVOICE_COLUMNS)
@@ -438,8 +442,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     invoice.add_argument("--period", required=True, help="YYYY-MM")
     invoice.add_argument("--tenant")
-    invoice.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    invoice.add_argument("--format", choices=["table", "json", "csv", "html"], default="table")
     invoice.add_argument("--prometheus", help="default $SLUIS_PROMETHEUS_URL or :9090")
+    invoice.add_argument(
+        "--issuer", default="Sluis AI factory", help="who issues the invoice (HTML format)"
+    )
     invoice.add_argument(
         "--reconcile",
         action="store_true",

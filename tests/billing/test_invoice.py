@@ -6,6 +6,7 @@ import json
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +114,24 @@ def test_invoice_equals_the_ledger(
     code, out, _ = run(
         capsys, "--period", period, "--prometheus", prometheus.url, "--format", "csv"
     )
+    code, html_out, _ = run(
+        capsys,
+        "--period",
+        period,
+        "--prometheus",
+        prometheus.url,
+        "--format",
+        "html",
+        "--issuer",
+        "Gemeente <Utrecht> & co",
+    )
+    assert code == 0
+    assert html_out.startswith("<!DOCTYPE html>") and html_out.rstrip().endswith("</html>")
+    assert f"Invoice {period}-acme" in html_out and f"Invoice {period}-city" in html_out
+    assert "Gemeente &lt;Utrecht&gt; &amp; co" in html_out  # every value escaped
+    assert "<script" not in html_out and "http" not in html_out  # self-contained
+    assert f"{expected['acme']['amount_eur']:,.6f}" in html_out
+    HTMLParser().feed(html_out)
     assert out.splitlines()[0] == (
         "tenant,model,prompt_tokens,completion_tokens,requests,amount_eur"
     )
