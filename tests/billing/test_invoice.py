@@ -59,6 +59,12 @@ def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
     return code, out, err
 
 
+def invoice_of(
+    capsys: pytest.CaptureFixture[str], period: str, prometheus: PrometheusServer, *args: str
+) -> tuple[int, str, str]:
+    return run(capsys, "--period", period, "--prometheus", prometheus.url, *args)
+
+
 def test_invoice_equals_the_ledger(
     cli_metered: tuple[RunningGateway, PrometheusServer], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -92,9 +98,7 @@ def test_invoice_equals_the_ledger(
     period = datetime.now(UTC).strftime("%Y-%m")
     deadline = time.monotonic() + 30
     while True:  # until Prometheus has scraped the last requests
-        code, out, _ = run(
-            capsys, "--period", period, "--prometheus", prometheus.url, "--format", "json"
-        )
+        code, out, _ = invoice_of(capsys, period, prometheus, "--format", "json")
         assert code == 0
         invoice = json.loads(out)
         got = {line["tenant"]: {k: line[k] for k in expected["acme"]} for line in invoice["lines"]}
@@ -104,22 +108,16 @@ def test_invoice_equals_the_ledger(
     assert got == expected
     assert invoice["final"] is False
     assert expected["acme"]["amount_eur"] > 0
-    code, out, _ = run(capsys, "--period", period, "--prometheus", prometheus.url, "--reconcile")
+    code, out, _ = invoice_of(capsys, period, prometheus, "--reconcile")
     assert code == 0, out
     assert "Prometheus and the ledger agree; no scrape gaps" in out
-    code, out, _ = run(
-        capsys, "--period", period, "--prometheus", prometheus.url, "--tenant", "city"
-    )
+    code, out, _ = invoice_of(capsys, period, prometheus, "--tenant", "city")
     assert code == 0 and "city" in out and "acme" not in out
-    code, out, _ = run(
-        capsys, "--period", period, "--prometheus", prometheus.url, "--format", "csv"
-    )
-    code, html_out, _ = run(
+    code, out, _ = invoice_of(capsys, period, prometheus, "--format", "csv")
+    code, html_out, _ = invoice_of(
         capsys,
-        "--period",
         period,
-        "--prometheus",
-        prometheus.url,
+        prometheus,
         "--format",
         "html",
         "--issuer",
@@ -190,12 +188,10 @@ def test_a_prometheus_outage_is_reported_as_a_gap(
         httpx.post(f"{gateway.url}/v1/chat/completions", json=body, headers=headers)
 
     def invoice() -> tuple[int, dict[str, Any]]:
-        code, out, _ = run(
+        code, out, _ = invoice_of(
             capsys,
-            "--period",
             period,
-            "--prometheus",
-            prometheus.url,
+            prometheus,
             "--format",
             "json",
             "--reconcile",
