@@ -1,12 +1,16 @@
-"""The price book: EUR per million prompt and completion tokens and per request, per model.
+"""The price book: EUR per million prompt and completion tokens and per request, per model,
+with history: a price takes effect from a date (UTC) and the earlier ones are kept.
 
 Amounts are kept in micro-euros (integers) wherever they are summed, so budgets and invoices
-never drift by floating-point rounding.
+never drift by floating-point rounding. A request is charged the price in force when it is
+metered; the ledger keeps that charge, so later changes never rewrite history.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
+from datetime import UTC, date, datetime
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -31,12 +35,46 @@ class ModelPrice(BaseModel):
         return math.ceil(round(total, 6))
 
 
+class DatedPrice(ModelPrice):
+    """A price in force from `from` (a date, UTC midnight) until the next one."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    effective_from: date = Field(alias="from")
+
+
+def price_history(value: ModelPrice | list[DatedPrice]) -> list[DatedPrice]:
+    if isinstance(value, list):
+        return sorted(value, key=lambda price: price.effective_from)
+    return [DatedPrice(**value.model_dump(), effective_from=date.min)]
+
+
+def check_history(value: ModelPrice | list[DatedPrice]) -> ModelPrice | list[DatedPrice]:
+    if isinstance(value, list):
+        dates = [price.effective_from for price in value]
+        if not dates:
+            raise ValueError("a price history needs at least one entry")
+        if len(set(dates)) != len(dates):
+            raise ValueError("two prices take effect on the same date")
+    return value
+
+
 class PriceBook:
-    def __init__(self, prices: dict[str, ModelPrice]) -> None:
-        self._prices = prices
+    def __init__(self, prices: dict[str, ModelPrice | list[DatedPrice]]) -> None:
+        self._history = {model: price_history(value) for model, value in prices.items()}
+        self._starts = {
+            model: [p.effective_from for p in history] for model, history in self._history.items()
+        }
 
-    def price(self, model_id: str) -> ModelPrice:
-        return self._prices.get(model_id, ModelPrice())
+    def price(self, model_id: str, at: datetime | None = None) -> ModelPrice:
+        history = self._history.get(model_id)
+        if not history:
+            return ModelPrice()
+        day = (at or datetime.now(UTC)).astimezone(UTC).date()
+        index = bisect.bisect_right(self._starts[model_id], day) - 1
+        return history[index] if index >= 0 else ModelPrice()
 
-    def micro_eur(self, model_id: str, prompt_tokens: int, completion_tokens: int) -> int:
-        return self.price(model_id).micro_eur(prompt_tokens, completion_tokens)
+    def micro_eur(
+        self, model_id: str, prompt_tokens: int, completion_tokens: int, at: datetime | None = None
+    ) -> int:
+        return self.price(model_id, at).micro_eur(prompt_tokens, completion_tokens)

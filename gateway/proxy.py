@@ -250,7 +250,7 @@ def _meter(
     clock = ctx.state.clock
     duration = clock.monotonic() - ctx.started
     cost = (
-        ctx.state.prices.micro_eur(ctx.model.id, prompt, completion)
+        ctx.state.prices.micro_eur(ctx.model.id, prompt, completion, clock.now())
         if (prompt or completion)
         else 0
     )

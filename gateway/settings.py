@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from billing.prices import ModelPrice
+from billing.prices import DatedPrice, ModelPrice, check_history
 from quotas.policy import QuotaPolicy
 
 DEFAULT_CONFIG_FILE = Path("sluis.yaml")
@@ -56,7 +56,17 @@ class FileConfig(_Strict):
     models: tuple[ModelConfig, ...] = ()
     # Quotas every tenant gets unless its own say otherwise; unset fields are unlimited.
     quotas: QuotaPolicy = QuotaPolicy()
-    prices: dict[str, ModelPrice] = Field(default_factory=dict)
+    # Per model: one price, or a history of prices each in force `from` a date.
+    prices: dict[str, ModelPrice | list[DatedPrice]] = Field(default_factory=dict)
+
+    @field_validator("prices")
+    @classmethod
+    def _price_histories(
+        cls, prices: dict[str, ModelPrice | list[DatedPrice]]
+    ) -> dict[str, ModelPrice | list[DatedPrice]]:
+        for value in prices.values():
+            check_history(value)
+        return prices
 
     @field_validator("models")
     @classmethod

@@ -103,7 +103,7 @@ class QuotaAdmission:
             )
         if not templates:
             return Admitted()
-        checks = with_costs(templates, Usage(prompt, completion), self._prices, model.id)
+        checks = with_costs(templates, Usage(prompt, completion), self._prices, model.id, now)
         try:
             decision = await self._store.admit(checks, request.request_id, now.timestamp())
         except (StoreFailure, TimeoutError) as exc:
@@ -154,6 +154,7 @@ class QuotaAdmission:
             Usage(prompt_tokens, completion_tokens),
             self._prices,
             reservation.model_id,
+            self._clock.now(),  # charged as metered, like the ledger
         )
         # A window whose reservation was exact (always so for requests) has nothing to settle.
         pairs = [

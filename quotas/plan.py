@@ -23,10 +23,10 @@ class Usage:
 
 
 def with_costs(
-    templates: list[Check], usage: Usage, prices: PriceBook, model_id: str
+    templates: list[Check], usage: Usage, prices: PriceBook, model_id: str, at: datetime
 ) -> list[Check]:
     """The templates (checks of a policy, costs left at zero) costed for one request."""
-    money = prices.micro_eur(model_id, usage.prompt_tokens, usage.completion_tokens)
+    money = prices.micro_eur(model_id, usage.prompt_tokens, usage.completion_tokens, at)
     return [
         Check(t.key, t.kind, t.code, t.limit, _cost(t.code, usage, money), t.span_s, t.period_end)
         for t in templates
@@ -77,9 +77,11 @@ def scoped_checks(
     return scoped
 
 
-def actual_costs(checks: list[Check], used: Usage, prices: PriceBook, model_id: str) -> list[int]:
+def actual_costs(
+    checks: list[Check], used: Usage, prices: PriceBook, model_id: str, at: datetime
+) -> list[int]:
     """What each check really cost, once the usage is known."""
-    money = prices.micro_eur(model_id, used.prompt_tokens, used.completion_tokens)
+    money = prices.micro_eur(model_id, used.prompt_tokens, used.completion_tokens, at)
     return [_cost(check.code, used, money) for check in checks]
 
 
@@ -146,7 +148,7 @@ def _checks_for(
             )
         )
     if limits.eur_per_month is not None:
-        cost = prices.micro_eur(model_id, reserve.prompt_tokens, reserve.completion_tokens)
+        cost = prices.micro_eur(model_id, reserve.prompt_tokens, reserve.completion_tokens, now)
         checks.append(
             Check(
                 f"{key}:eur:{month.isoformat()[:7]}",
