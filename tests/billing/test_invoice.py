@@ -225,3 +225,87 @@ def test_a_prometheus_outage_is_reported_as_a_gap(
     assert gap["target"] == f"127.0.0.1:{gateway.settings.metrics_port}"
     # The counters are cumulative, so even across the gap nothing is lost or doubled.
     assert reconciliation["differences"] == []
+
+
+def test_invoice_after_mixed_load_and_a_restart_equals_the_ledger(
+    tmp_path: Path,
+    gateway_factory: GatewayFactory,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    port = free_port()
+    prometheus = PrometheusServer(tmp_path / "prom", [f"127.0.0.1:{port}"])
+    try:
+        prometheus.wait_ready()
+        first = gateway_factory(metrics_port=port, file=FileConfig(prices=PRICES))
+        monkeypatch.setenv("SLUIS_URL", first.url)
+        monkeypatch.setenv("SLUIS_ADMIN_TOKEN", ADMIN_TOKEN)
+        keys = {name: first.create_tenant(name) for name in ("acme", "city")}
+
+        def load(gateway: RunningGateway) -> None:
+            for key in keys.values():
+                headers = {"authorization": f"Bearer {key}"}
+                url = f"{gateway.url}/v1/chat/completions"
+                for content, stream in (
+                    ("plain words", False),
+                    ("streamed words", True),
+                    ("[[fail:500]]", False),
+                    ("x [[break-after:2]]", True),
+                ):
+                    body = {
+                        "model": "fake-chat",
+                        "max_tokens": 5,
+                        "stream": stream,
+                        "messages": [{"role": "user", "content": content}],
+                    }
+                    httpx.post(url, json=body, headers=headers).read()
+                # A client that leaves mid-stream.
+                with httpx.stream(
+                    "POST",
+                    url,
+                    headers=headers,
+                    json={
+                        "model": "fake-chat",
+                        "max_tokens": 50,
+                        "stream": True,
+                        "messages": [{"role": "user", "content": "slow [[delay:0.05]]"}],
+                    },
+                ) as r:
+                    for line in r.iter_lines():
+                        if '"content":"' in line and '"content":""' not in line:
+                            break
+
+        load(first)
+        first.stop()  # restart mid-period: same database, same gateway id
+        second = gateway_factory(metrics_port=port, file=FileConfig(prices=PRICES))
+        monkeypatch.setenv("SLUIS_URL", second.url)
+        load(second)
+        records = second.records()
+        assert {r["outcome"] for r in records} == {"ok", "error", "cancelled"}
+        period = datetime.now(UTC).strftime("%Y-%m")
+        deadline = time.monotonic() + 40
+        while True:
+            code, out, _ = invoice_of(
+                capsys,
+                period,
+                prometheus,
+                "--format",
+                "json",
+                "--reconcile",
+                "--gap-step-seconds",
+                "30",
+            )
+            report = json.loads(out)
+            if code == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert code == 0, report["reconciliation"]
+        billed = {line["tenant"]: line for line in report["lines"]}
+        tenants = {t["id"]: t["name"] for t in second.admin("GET", "/tenants").json()["data"]}
+        for name in keys:
+            mine = [r for r in records if tenants[r["tenant_id"]] == name]
+            assert billed[name]["prompt_tokens"] == sum(r["prompt_tokens"] for r in mine)
+            assert billed[name]["completion_tokens"] == sum(r["completion_tokens"] for r in mine)
+            assert billed[name]["requests"] == len(mine)
+    finally:
+        prometheus.stop()
