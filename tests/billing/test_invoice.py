@@ -19,6 +19,7 @@ from billing.prometheus import BillingError
 from gateway.cli import main
 from gateway.settings import FileConfig
 from loadtests.processes import free_port
+from tests.clients import leave_mid_stream
 from tests.conftest import ADMIN_TOKEN, GatewayFactory, RunningGateway
 from tests.prometheus import PrometheusServer
 
@@ -57,6 +58,24 @@ def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
     code = main(["invoice", *args])
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def reconciled(
+    capsys: pytest.CaptureFixture[str], period: str, prometheus: PrometheusServer, gap_step_s: int
+) -> tuple[int, dict[str, Any]]:
+    """The JSON invoice with its reconciliation, and the exit code."""
+    code, out, _ = invoice_of(
+        capsys,
+        period,
+        prometheus,
+        "--format",
+        "json",
+        "--reconcile",
+        "--gap-step-seconds",
+        str(gap_step_s),
+    )
+    report: dict[str, Any] = json.loads(out)
+    return code, report
 
 
 def invoice_of(
@@ -187,24 +206,10 @@ def test_a_prometheus_outage_is_reported_as_a_gap(
     def chat() -> None:
         httpx.post(f"{gateway.url}/v1/chat/completions", json=body, headers=headers)
 
-    def invoice() -> tuple[int, dict[str, Any]]:
-        code, out, _ = invoice_of(
-            capsys,
-            period,
-            prometheus,
-            "--format",
-            "json",
-            "--reconcile",
-            "--gap-step-seconds",
-            "2",
-        )
-        report: dict[str, Any] = json.loads(out)
-        return code, report
-
     def scraped(requests: int) -> tuple[int, dict[str, Any]]:
         deadline = time.monotonic() + 30
         while True:  # Prometheus' first scrape of a new target comes 5-10 s after it starts
-            code, report = invoice()
+            code, report = reconciled(capsys, period, prometheus, 2)
             lines = report["lines"]
             if (lines and lines[0]["requests"] == requests) or time.monotonic() > deadline:
                 return code, report
@@ -259,21 +264,8 @@ def test_invoice_after_mixed_load_and_a_restart_equals_the_ledger(
                         "messages": [{"role": "user", "content": content}],
                     }
                     httpx.post(url, json=body, headers=headers).read()
-                # A client that leaves mid-stream.
-                with httpx.stream(
-                    "POST",
-                    url,
-                    headers=headers,
-                    json={
-                        "model": "fake-chat",
-                        "max_tokens": 50,
-                        "stream": True,
-                        "messages": [{"role": "user", "content": "slow [[delay:0.05]]"}],
-                    },
-                ) as r:
-                    for line in r.iter_lines():
-                        if '"content":"' in line and '"content":""' not in line:
-                            break
+            for key in keys.values():  # a client that leaves mid-stream
+                leave_mid_stream(gateway.url, key, max_tokens=50, delay_s=0.05)
 
         load(first)
         first.stop()  # restart mid-period: same database, same gateway id
@@ -285,17 +277,7 @@ def test_invoice_after_mixed_load_and_a_restart_equals_the_ledger(
         period = datetime.now(UTC).strftime("%Y-%m")
         deadline = time.monotonic() + 40
         while True:
-            code, out, _ = invoice_of(
-                capsys,
-                period,
-                prometheus,
-                "--format",
-                "json",
-                "--reconcile",
-                "--gap-step-seconds",
-                "30",
-            )
-            report = json.loads(out)
+            code, report = reconciled(capsys, period, prometheus, 30)
             if code == 0 or time.monotonic() > deadline:
                 break
             time.sleep(0.5)

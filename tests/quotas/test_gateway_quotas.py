@@ -12,6 +12,7 @@ import pytest
 from billing.prices import ModelPrice
 from gateway.settings import FileConfig, ModelConfig
 from quotas.policy import QuotaPolicy
+from tests.clients import leave_mid_stream
 from tests.conftest import GatewayFactory, RunningGateway
 from tests.gateway.errors import assert_openai_error
 from tests.quotas.conftest import REDIS_URL
@@ -158,20 +159,7 @@ def test_client_leaving_mid_stream_settles_what_it_received(quota_gateway: Runni
     gateway = quota_gateway
     key = gateway.create_tenant("acme")
     set_quotas(gateway, "acme", {"tokens_per_day": 10_000, "max_concurrent": 5})
-    with httpx.stream(
-        "POST",
-        f"{gateway.url}/v1/chat/completions",
-        headers={"authorization": f"Bearer {key}"},
-        json={
-            "model": "fake-chat",
-            "max_tokens": 16,
-            "stream": True,
-            "messages": [{"role": "user", "content": "x [[delay:0.1]]"}],
-        },
-    ) as response:
-        for line in response.iter_lines():
-            if '"content":"' in line and '"content":""' not in line:
-                break
+    leave_mid_stream(gateway.url, key, max_tokens=16, delay_s=0.1)
     deadline = time.monotonic() + 10
     while quota(gateway, "acme")["all:budget_tokens"]["reserved"] and time.monotonic() < deadline:
         time.sleep(0.05)
