@@ -33,7 +33,7 @@ from gateway.metrics import Metrics
 from gateway.metrics_listener import MetricsListener
 from gateway.middleware import RequestIdMiddleware
 from gateway.proxy import tenant_routes
-from gateway.settings import ConfigError, Settings
+from gateway.settings import ConfigError, Settings, UpstreamConfig
 from gateway.state import GatewayState
 from gateway.tenancy.audit import AuditLog
 from gateway.tenancy.database import Database
@@ -71,7 +71,8 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         database = Database.from_url(settings.database_url)
-        the_upstream = upstream or build_upstream(settings.upstream())
+        upstream_config = settings.upstream()
+        the_upstream = upstream or build_upstream(upstream_config)
         meter: Meter | None = None
         inflight = Inflight()
         instances = InstanceRegistry(database, clock, quota_store=store_name(settings))
@@ -98,7 +99,7 @@ def create_app(
             joined = True
             if listener is not None:
                 await listener.start()
-            catalog = await build_catalog(settings, the_upstream)
+            catalog = await build_catalog(settings, upstream_config, the_upstream)
             tenants = TenantStore(database, clock)
             ledger = Ledger(database)
             meter = Meter(
@@ -123,6 +124,7 @@ def create_app(
                 metrics=metrics,
                 catalog=catalog,
                 upstream=the_upstream,
+                upstream_config=upstream_config,
                 inflight=inflight,
                 gateway_id=gateway_id,
                 tracer=tracer,
@@ -170,7 +172,9 @@ def create_app(
     )
 
 
-async def build_catalog(settings: Settings, upstream: Upstream) -> ModelCatalog:
+async def build_catalog(
+    settings: Settings, upstream_config: UpstreamConfig, upstream: Upstream
+) -> ModelCatalog:
     """The configured models, or (none configured) whatever the upstream serves."""
     if settings.file.models:
         return ModelCatalog(
@@ -184,7 +188,7 @@ async def build_catalog(settings: Settings, upstream: Upstream) -> ModelCatalog:
             )
             for m in settings.file.models
         )
-    deadline = asyncio.get_running_loop().time() + settings.upstream().connect_timeout_s * 6
+    deadline = asyncio.get_running_loop().time() + upstream_config.connect_timeout_s * 6
     while True:
         try:
             names = await upstream.list_models()

@@ -28,9 +28,6 @@ class ModelCatalog:
     def __iter__(self) -> Iterator[Model]:
         return iter(self._models.values())
 
-    def __len__(self) -> int:
-        return len(self._models)
-
     def __contains__(self, model_id: object) -> bool:
         return model_id in self._models
 

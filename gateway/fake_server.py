@@ -10,7 +10,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from gateway.fake_engine import FakeEngine, FakeEngineError, StreamBroken
+from gateway.fake_engine import FakeEngine, FakeEngineError
 from gateway.upstreams.base import Endpoint
 from gateway.upstreams.sse import encode_event
 
@@ -51,12 +51,10 @@ def create_fake_server(engine: FakeEngine | None = None) -> Starlette:
 
 
 async def _sse(events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    try:
-        async for event in events:
-            yield encode_event(event)
-    except StreamBroken:
-        # Raising out of the response body makes the server drop the connection mid-stream.
-        raise
+    # A `StreamBroken` raised out of the response body makes the server drop the connection
+    # mid-stream, as a crashed model replica would.
+    async for event in events:
+        yield encode_event(event)
 
 
 def _json(payload: object, status: int = 200) -> Response:

@@ -97,7 +97,7 @@ async def _forward(request: Request, endpoint: Endpoint) -> Response | StreamRel
         wants_continuous = bool(options and options.continuous_usage_stats)
         stream_options: dict[str, Any] = dict(body.get("stream_options") or {})
         stream_options["include_usage"] = True
-        if state.settings.upstream().continuous_usage:
+        if state.upstream_config.continuous_usage:
             stream_options["continuous_usage_stats"] = True
         body["stream_options"] = stream_options
         return await _stream(
@@ -248,9 +248,10 @@ def _meter(
     streamed: bool = False,
 ) -> None:
     clock = ctx.state.clock
+    now = clock.now()
     duration = clock.monotonic() - ctx.started
     cost = (
-        ctx.state.prices.micro_eur(ctx.model.id, prompt, completion, clock.now())
+        ctx.state.prices.micro_eur(ctx.model.id, prompt, completion, now)
         if (prompt or completion)
         else 0
     )
@@ -269,7 +270,7 @@ def _meter(
             usage_exact=exact,
             ttft_ms=None if ttft is None else round((ttft - ctx.started) * 1000, 3),
             duration_ms=round(duration * 1000, 3),
-            created_at=clock.now(),
+            created_at=now,
             gateway_id=ctx.state.gateway_id,
             cost_micro_eur=cost,
         )

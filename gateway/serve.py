@@ -87,7 +87,8 @@ async def serve_up(settings: Settings) -> None:
     fake engine unless the config names an upstream URL."""
     refuse_taken_port(settings.host, settings.port)
     upstream = None
-    if settings.upstream().kind == "http" and not settings.upstream().url:
+    config = settings.upstream()
+    if config.kind == "http" and not config.url:
         upstream = FakeUpstream()
     app = create_app(settings, upstream=upstream)
     server = server_for(app, settings.host, settings.port, drain_s=settings.shutdown_drain_s)

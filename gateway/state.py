@@ -15,7 +15,7 @@ from gateway.clock import Clock
 from gateway.inflight import Inflight
 from gateway.metering import Meter
 from gateway.metrics import Metrics
-from gateway.settings import Settings
+from gateway.settings import Settings, UpstreamConfig
 from gateway.tenancy.audit import AuditLog
 from gateway.tenancy.database import Database
 from gateway.tenancy.ledger import Ledger
@@ -37,6 +37,8 @@ class GatewayState:
     admission: Admission
     catalog: ModelCatalog
     upstream: Upstream
+    # The upstream's settings, resolved once (file, then SLUIS_UPSTREAM_URL / --upstream).
+    upstream_config: UpstreamConfig
     inflight: Inflight
     gateway_id: str
     tracer: Tracer

@@ -24,8 +24,6 @@ from loadtests.bench_gateway import (
 from loadtests.httpload import Sample, closed_loop
 from loadtests.processes import Process, free_port, pinned
 
-EVERY_LIMIT = BENCH_QUOTAS
-
 
 def start_redis(workdir: Path) -> tuple[Process, str]:
     port = free_port()
@@ -66,7 +64,7 @@ def ms(seconds: float) -> str:
 
 async def measure(url: str, *, rounds: int, per_round: int) -> dict[str, Sample]:
     off = tenant_target(url, "quotas-off")
-    on = tenant_target(url, "quotas-on", EVERY_LIMIT)
+    on = tenant_target(url, "quotas-on", BENCH_QUOTAS)
     blocked = tenant_target(url, "over-quota", {"requests_per_minute": 1})
     for target in (off, on):
         await closed_loop(target, requests=300)

@@ -19,6 +19,21 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def wait_port(
+    port: int, process: subprocess.Popen[bytes], *, timeout: float = 60, name: str = "process"
+) -> None:
+    """Until something listens on the loopback port; fails at once if the process exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{name} exited with {process.returncode}")
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"{name} did not listen on {port} within {timeout}s")
+
+
 def pinned(command: Sequence[str], cores: str) -> list[str]:
     if shutil.which("taskset") and len(os.sched_getaffinity(0)) > 1:
         return ["taskset", "-c", cores, *command]
@@ -48,15 +63,7 @@ class Process:
         )
 
     def wait_port(self, port: int, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.popen.poll() is not None:
-                raise RuntimeError(f"{self.name} exited: see {self.log}")
-            with socket.socket() as probe:
-                if probe.connect_ex(("127.0.0.1", port)) == 0:
-                    return
-            time.sleep(0.2)
-        raise RuntimeError(f"{self.name} did not listen on {port} within {timeout}s")
+        wait_port(port, self.popen, timeout=timeout, name=f"{self.name} (log: {self.log})")
 
     def stop(self) -> None:
         if self.popen.poll() is None:

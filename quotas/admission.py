@@ -68,6 +68,22 @@ class QuotaAdmission:
         # Checks of one tenant version, model and day, costs still zero: built once per day.
         self._plans: dict[tuple[str, datetime, str, int], list[Check]] = {}
 
+    def _plan(self, tenant: Tenant, model_id: str, now: datetime) -> list[Check]:
+        """The tenant's checks for a model, built once per tenant version, model and day."""
+        key = (tenant.id, tenant.updated_at, model_id, now.toordinal())
+        templates = self._plans.get(key)
+        if templates is None:
+            if len(self._plans) > 10_000:
+                self._plans.clear()
+            templates = self._plans[key] = plan_checks(
+                self.policy_for(tenant),
+                tenant_id=tenant.id,
+                model_id=model_id,
+                now=now,
+                lease_s=self._lease_s,
+            )
+        return templates
+
     def policy_for(self, tenant: Tenant) -> QuotaPolicy:
         """The tenant's effective policy, computed once per version of the tenant."""
         version = (tenant.id, tenant.updated_at)
@@ -80,34 +96,20 @@ class QuotaAdmission:
 
     async def admit(self, request: AdmissionRequest) -> Admitted:
         tenant = request.principal.tenant
-        policy = self.policy_for(tenant)
         model = request.model
+        now = self._clock.now()
+        templates = self._plan(tenant, model.id, now)
+        if not templates:
+            return Admitted()  # no limits: nothing to count, no store call
         prompt = count_prompt_tokens(request.endpoint, request.body, model.tokenizer)
         completion = request.max_completion_tokens or model.max_output_tokens
         if request.endpoint.value == "embeddings":
             completion = 0
-        now = self._clock.now()
-        plan_key = (tenant.id, tenant.updated_at, model.id, now.toordinal())
-        templates = self._plans.get(plan_key)
-        if templates is None:
-            if len(self._plans) > 10_000:
-                self._plans.clear()
-            templates = self._plans[plan_key] = plan_checks(
-                policy,
-                tenant_id=tenant.id,
-                model_id=model.id,
-                reserve=Usage(0, 0),
-                prices=self._prices,
-                now=now,
-                lease_s=self._lease_s,
-            )
-        if not templates:
-            return Admitted()
         checks = with_costs(templates, Usage(prompt, completion), self._prices, model.id, now)
         try:
             decision = await self._store.admit(checks, request.request_id, now.timestamp())
         except (StoreFailure, TimeoutError) as exc:
-            self._store_failed(policy, "admit", exc)
+            self._store_failed(self.policy_for(tenant), "admit", exc)
             return Admitted()
         if not decision.allowed:
             raise self._refusal(checks, decision, tenant.name)
@@ -119,9 +121,7 @@ class QuotaAdmission:
     async def report(self, tenant_id: str, policy: QuotaPolicy) -> list[dict[str, object]]:
         """The current state of every limit of a tenant, for the admin API."""
         now = self._clock.now()
-        scoped = scoped_checks(
-            policy, tenant_id=tenant_id, prices=self._prices, now=now, lease_s=self._lease_s
-        )
+        scoped = scoped_checks(policy, tenant_id=tenant_id, now=now, lease_s=self._lease_s)
         if not scoped:
             return []
         try:

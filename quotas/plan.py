@@ -42,38 +42,24 @@ def _cost(code: str, usage: Usage, money: int) -> int:
 
 
 def plan_checks(
-    policy: QuotaPolicy,
-    *,
-    tenant_id: str,
-    model_id: str,
-    reserve: Usage,
-    prices: PriceBook,
-    now: datetime,
-    lease_s: float,
+    policy: QuotaPolicy, *, tenant_id: str, model_id: str, now: datetime, lease_s: float
 ) -> list[Check]:
-    checks = _checks_for(policy, f"{{{tenant_id}}}:all", model_id, reserve, prices, now, lease_s)
+    """The checks a request for `model_id` runs, costs still zero (`with_costs` fills them)."""
+    checks = _checks_for(policy, f"{{{tenant_id}}}:all", now, lease_s)
     model_limits = policy.for_model(model_id)
     if model_limits is not None:
-        scope = f"{{{tenant_id}}}:m:{model_id}"
-        checks += _checks_for(model_limits, scope, model_id, reserve, prices, now, lease_s)
+        checks += _checks_for(model_limits, f"{{{tenant_id}}}:m:{model_id}", now, lease_s)
     return checks
 
 
 def scoped_checks(
-    policy: QuotaPolicy, *, tenant_id: str, prices: PriceBook, now: datetime, lease_s: float
+    policy: QuotaPolicy, *, tenant_id: str, now: datetime, lease_s: float
 ) -> list[tuple[str, Check]]:
     """Every check of a policy with a zero cost, per scope ("all" or a model id): for reports."""
-    nothing = Usage(0, 0)
-    scoped = [
-        ("all", c)
-        for c in _checks_for(policy, f"{{{tenant_id}}}:all", "", nothing, prices, now, lease_s)
-    ]
+    scoped = [("all", c) for c in _checks_for(policy, f"{{{tenant_id}}}:all", now, lease_s)]
     for model_id, limits in policy.models.items():
         scope = f"{{{tenant_id}}}:m:{model_id}"
-        scoped += [
-            (model_id, c)
-            for c in _checks_for(limits, scope, model_id, nothing, prices, now, lease_s)
-        ]
+        scoped += [(model_id, c) for c in _checks_for(limits, scope, now, lease_s)]
     return scoped
 
 
@@ -85,82 +71,45 @@ def actual_costs(
     return [_cost(check.code, used, money) for check in checks]
 
 
-def _checks_for(
-    limits: Limits,
-    scope: str,
-    model_id: str,
-    reserve: Usage,
-    prices: PriceBook,
-    now: datetime,
-    lease_s: float,
-) -> list[Check]:
+def _checks_for(limits: Limits, scope: str, now: datetime, lease_s: float) -> list[Check]:
     key = f"sluis:q:{scope}"
-    checks = []
-    if limits.requests_per_minute is not None:
-        checks.append(
-            Check(
-                f"{key}:rpm",
-                Kind.WINDOW,
-                "rate_limit_requests",
-                limits.requests_per_minute,
-                1,
-                MINUTE_S,
-            )
-        )
-    if limits.tokens_per_minute is not None:
-        checks.append(
-            Check(
-                f"{key}:tpm",
-                Kind.WINDOW,
-                "rate_limit_tokens",
-                limits.tokens_per_minute,
-                reserve.tokens,
-                MINUTE_S,
-            )
-        )
-    if limits.max_concurrent is not None:
-        checks.append(
-            Check(f"{key}:conc", Kind.CONCURRENCY, "concurrency", limits.max_concurrent, 1, lease_s)
-        )
     day, month = now.date(), now.date().replace(day=1)
-    if limits.tokens_per_day is not None:
-        checks.append(
-            Check(
-                f"{key}:tpd:{day.isoformat()}",
-                Kind.BUDGET,
-                "budget_tokens",
-                limits.tokens_per_day,
-                reserve.tokens,
-                lease_s,
-                _epoch(day + timedelta(days=1)),
-            )
-        )
-    if limits.tokens_per_month is not None:
-        checks.append(
-            Check(
-                f"{key}:tpmo:{month.isoformat()[:7]}",
-                Kind.BUDGET,
-                "budget_tokens",
-                limits.tokens_per_month,
-                reserve.tokens,
-                lease_s,
-                _epoch(_next_month(month)),
-            )
-        )
-    if limits.eur_per_month is not None:
-        cost = prices.micro_eur(model_id, reserve.prompt_tokens, reserve.completion_tokens, now)
-        checks.append(
-            Check(
-                f"{key}:eur:{month.isoformat()[:7]}",
-                Kind.BUDGET,
-                "budget_money",
-                round(limits.eur_per_month * MICRO),
-                cost,
-                lease_s,
-                _epoch(_next_month(month)),
-            )
-        )
-    return checks
+    month_end = _epoch(_next_month(month))
+    # (key suffix, kind, code, limit, lifetime, period end) for every limit that is set.
+    specs: list[tuple[str, Kind, str, int | None, float, float]] = [
+        ("rpm", Kind.WINDOW, "rate_limit_requests", limits.requests_per_minute, MINUTE_S, 0.0),
+        ("tpm", Kind.WINDOW, "rate_limit_tokens", limits.tokens_per_minute, MINUTE_S, 0.0),
+        ("conc", Kind.CONCURRENCY, "concurrency", limits.max_concurrent, lease_s, 0.0),
+        (
+            f"tpd:{day.isoformat()}",
+            Kind.BUDGET,
+            "budget_tokens",
+            limits.tokens_per_day,
+            lease_s,
+            _epoch(day + timedelta(days=1)),
+        ),
+        (
+            f"tpmo:{month.isoformat()[:7]}",
+            Kind.BUDGET,
+            "budget_tokens",
+            limits.tokens_per_month,
+            lease_s,
+            month_end,
+        ),
+        (
+            f"eur:{month.isoformat()[:7]}",
+            Kind.BUDGET,
+            "budget_money",
+            None if limits.eur_per_month is None else round(limits.eur_per_month * MICRO),
+            lease_s,
+            month_end,
+        ),
+    ]
+    return [
+        Check(f"{key}:{suffix}", kind, code, limit, 0, span, period_end)
+        for suffix, kind, code, limit, span, period_end in specs
+        if limit is not None
+    ]
 
 
 def _next_month(first: date) -> date:

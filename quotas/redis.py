@@ -109,6 +109,3 @@ def _states(flat: Sequence[Any], checks: Sequence[Check]) -> tuple[CheckState, .
         )
         for i, check in enumerate(checks)
     )
-
-
-__all__ = ["Kind", "RedisStore"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 
 import httpx
@@ -11,6 +10,7 @@ import pytest
 
 from gateway.clock import ManualClock
 from gateway.settings import FileConfig, ModelConfig
+from loadtests.processes import free_port
 from tests.conftest import ADMIN_TOKEN, GatewayFactory, RunningGateway
 from tests.gateway.errors import assert_openai_error
 
@@ -248,16 +248,10 @@ def test_tenant_key_on_admin_routes(
     assert gateway.admin("GET", "/audit").json()["data"][0]["action"] == "key.create"
 
 
-def _closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @pytest.mark.parametrize("stream", [False, True])
 def test_upstream_down(gateway_factory: GatewayFactory, stream: bool) -> None:
     gateway = gateway_factory(
-        upstream_url=f"http://127.0.0.1:{_closed_port()}",
+        upstream_url=f"http://127.0.0.1:{free_port()}",  # nothing listens there
         file=FileConfig(models=(ModelConfig(id="fake-chat"),)),
     )
     key = gateway.create_tenant("acme")

@@ -6,7 +6,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import httpx
 import pytest
 
 from gateway.cli import main
+from loadtests.processes import free_port
 from tests.conftest import ADMIN_TOKEN, RunningGateway
 from tests.servers import ServerThread
 
@@ -93,12 +93,6 @@ def test_errors_are_clear_and_exit_nonzero(
     assert code == 2 and "cannot reach the gateway" in err
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def _sluis(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "gateway.cli", *args],
@@ -125,9 +119,9 @@ def _wait_ready(url: str, process: subprocess.Popen[str]) -> None:
 def test_sluis_gateway_process_in_front_of_an_upstream(
     tmp_path: Path, fake_engine_server: ServerThread
 ) -> None:
-    port = _free_port()
+    port = free_port()
     args = ("gateway", "--upstream", fake_engine_server.url, "--port", str(port))
-    env = {"SLUIS_ADMIN_TOKEN": ADMIN_TOKEN, "SLUIS_METRICS_PORT": str(_free_port())}
+    env = {"SLUIS_ADMIN_TOKEN": ADMIN_TOKEN, "SLUIS_METRICS_PORT": str(free_port())}
     process = _sluis(*args, cwd=tmp_path, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -153,9 +147,9 @@ def test_sluis_gateway_process_in_front_of_an_upstream(
 
 
 def test_sluis_up_prints_a_working_demo_key(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     process = _sluis(
-        "up", "--port", str(port), cwd=tmp_path, env={"SLUIS_METRICS_PORT": str(_free_port())}
+        "up", "--port", str(port), cwd=tmp_path, env={"SLUIS_METRICS_PORT": str(free_port())}
     )
     url = f"http://127.0.0.1:{port}"
     try:

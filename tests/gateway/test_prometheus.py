@@ -44,6 +44,12 @@ def _stored(prometheus: PrometheusServer, expression: str) -> float:
     return float(result[0]["value"][1]) if result else -1.0
 
 
+def _chat(gateway: RunningGateway, headers: dict[str, str], times: int) -> None:
+    for _ in range(times):
+        response = httpx.post(f"{gateway.url}/v1/chat/completions", json=CHAT, headers=headers)
+        assert response.status_code == 200
+
+
 def _ledger_tokens(gateway: RunningGateway) -> int:
     return sum(r["prompt_tokens"] + r["completion_tokens"] for r in gateway.records())
 
@@ -57,22 +63,14 @@ def test_counters_in_prometheus_equal_the_ledger_across_a_restart(
     first = gateway_factory(metrics_port=metrics_port, gateway_id="gw-1")
     key = first.create_tenant("acme")
     headers = {"authorization": f"Bearer {key}"}
-    for _ in range(5):
-        assert (
-            httpx.post(f"{first.url}/v1/chat/completions", json=CHAT, headers=headers).status_code
-            == 200
-        )
+    _chat(first, headers, 5)
     tokens = _ledger_tokens(first)
     assert tokens == 5 * 11
     _eventually(lambda: _stored(prometheus, 'sum(sluis_tokens_total{tenant="acme"})') == tokens)
     first.stop()
 
     second = gateway_factory(metrics_port=metrics_port, gateway_id="gw-1")
-    for _ in range(3):
-        assert (
-            httpx.post(f"{second.url}/v1/chat/completions", json=CHAT, headers=headers).status_code
-            == 200
-        )
+    _chat(second, headers, 3)
     tokens = _ledger_tokens(second)
     assert tokens == 8 * 11
     _eventually(lambda: _stored(prometheus, 'sum(sluis_tokens_total{tenant="acme"})') == tokens)

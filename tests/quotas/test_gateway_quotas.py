@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import time
 from typing import Any
 
@@ -11,6 +10,7 @@ import pytest
 
 from billing.prices import ModelPrice
 from gateway.settings import FileConfig, ModelConfig
+from loadtests.processes import free_port
 from quotas.policy import QuotaPolicy
 from tests.clients import leave_mid_stream
 from tests.conftest import GatewayFactory, RunningGateway
@@ -211,9 +211,7 @@ def test_bad_quota_settings(gateway: RunningGateway, quotas: dict[str, Any], par
 
 
 def _dead_redis() -> str:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return f"redis://127.0.0.1:{probe.getsockname()[1]}/0"
+    return f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
 
 
 @pytest.mark.parametrize("mode", ["closed", "open", None])
