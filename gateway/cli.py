@@ -86,12 +86,27 @@ def _run_gateway(args: argparse.Namespace) -> int:
 
 
 def _run_up(args: argparse.Namespace) -> int:
-    from gateway.serve import serve_up
-
     settings = load_settings(
         args.config, host=args.host, port=args.port, metrics_port=args.metrics_port
     )
+    if settings.upstream().kind == "ray":
+        from deployments.stack import StackOptions, run_stack
+
+        options = StackOptions(address=args.address, ray_metrics_port=args.ray_metrics_port)
+        return run_stack(settings, options)
+    if args.address:
+        raise ConfigError("--address: the config's upstream is not `kind: ray`")
+    from gateway.serve import serve_up
+
     run_async(serve_up(settings))
+    return 0
+
+
+def _build_tiny(args: argparse.Namespace) -> int:
+    from deployments.tiny_models import build_tiny_models
+
+    for name, folder in build_tiny_models(args.dir, seed=args.seed).items():
+        print(f"{name}: {folder}")
     return 0
 
 
@@ -363,7 +378,19 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--host")
     up.add_argument("--port", type=int)
     up.add_argument("--metrics-port", type=int, help="the /metrics listener; 0 = off")
+    up.add_argument(
+        "--address", help="deploy onto this Ray cluster (default: $RAY_ADDRESS, else local Ray)"
+    )
+    up.add_argument("--ray-metrics-port", type=int, help="Ray's metrics endpoint (local Ray)")
     up.set_defaults(run=_run_up)
+
+    models = commands.add_parser("models", help="model checkpoints").add_subparsers(
+        metavar="ACTION"
+    )
+    tiny = models.add_parser("build-tiny", help="build the tiny models, no downloads")
+    tiny.add_argument("dir", type=Path, help="folder to build them in")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(run=_build_tiny)
 
     fake = commands.add_parser("fake-engine", help="a deterministic fake OpenAI server")
     fake.add_argument("--host", default="127.0.0.1")

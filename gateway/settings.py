@@ -11,7 +11,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from billing.prices import DatedPrice, ModelPrice, check_history
@@ -29,7 +37,9 @@ class _Strict(BaseModel):
 
 
 class UpstreamConfig(_Strict):
-    kind: Literal["http", "fake"] = "http"
+    # http: an OpenAI-compatible server at `url`; ray: the catalog's Ray Serve deployments
+    # (deployments/), reached through DeploymentHandles; fake: the built-in fake engine.
+    kind: Literal["http", "ray", "fake"] = "http"
     url: str | None = None
     api_key: SecretStr | None = None
     connect_timeout_s: float = Field(default=5.0, gt=0)
@@ -38,6 +48,34 @@ class UpstreamConfig(_Strict):
     # Ask the server for usage on every chunk (vLLM's `continuous_usage_stats`) so that a
     # client leaving mid-stream is billed exactly the tokens it was sent.
     continuous_usage: bool = True
+
+
+class Autoscaling(_Strict):
+    """Ray Serve autoscaling bounds for one model: replicas follow ongoing requests."""
+
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=1, ge=1)
+    target_ongoing_requests: float = Field(default=16.0, gt=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Autoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must not exceed max_replicas")
+        return self
+
+
+class Resources(_Strict):
+    """What one replica of a model reserves on its node."""
+
+    cpus: float = Field(default=1.0, ge=0)
+    gpus: float = Field(default=0.0, ge=0)
+
+
+class Placement(_Strict):
+    # At most one replica of this model per node (replicas spread over the cluster).
+    spread: bool = False
+    # Only nodes carrying all these Ray node labels may run the model (data residency).
+    node_labels: dict[str, str] = Field(default_factory=dict)
 
 
 class ModelConfig(_Strict):
@@ -49,6 +87,28 @@ class ModelConfig(_Strict):
     tokenizer: Literal["whitespace", "bytes"] = "bytes"
     # What a request without max_tokens may generate at most: its reservation.
     max_output_tokens: int = Field(default=4096, ge=1)
+    # The rest describes how `upstream.kind: ray` runs the model (deployments/).
+    # vllm: vLLM's engine in a Ray Serve deployment; fake: the deterministic fake engine.
+    backend: Literal["vllm", "fake"] = "vllm"
+    # A local checkpoint folder, or `builtin:tiny-chat` / `builtin:tiny-embed` (built by
+    # `sluis models build-tiny` into the state folder when absent).
+    source: str | None = None
+    # vLLM engine arguments (AsyncEngineArgs fields), checked against vLLM when deploying.
+    engine: dict[str, Any] = Field(default_factory=dict)
+    replicas: int | None = Field(default=None, ge=1)
+    autoscaling: Autoscaling | None = None
+    resources: Resources = Resources()
+    placement: Placement = Placement()
+    # Requests one replica takes at once before Ray Serve queues them in the caller.
+    max_ongoing_requests: int = Field(default=256, ge=1)
+    # Environment of the model's replicas (e.g. VLLM_CPU_KVCACHE_SPACE, the KV cache in GiB).
+    env: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_scaling_rule(self) -> ModelConfig:
+        if self.replicas is not None and self.autoscaling is not None:
+            raise ValueError("set either replicas or autoscaling, not both")
+        return self
 
 
 class FileConfig(_Strict):
@@ -58,6 +118,27 @@ class FileConfig(_Strict):
     quotas: QuotaPolicy = QuotaPolicy()
     # Per model: one price, or a history of prices each in force `from` a date.
     prices: dict[str, ModelPrice | list[DatedPrice]] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _model_prices_join_the_price_book(cls, raw: Any) -> Any:
+        """A model's own `price:` entry is its price-book entry (one place per model)."""
+        if not isinstance(raw, dict) or not isinstance(raw.get("models"), list | tuple):
+            return raw
+        prices = dict(raw.get("prices") or {})
+        models = []
+        for index, model in enumerate(raw["models"]):
+            if isinstance(model, dict) and "price" in model:
+                model = dict(model)
+                price = model.pop("price")
+                model_id = model.get("id")
+                if model_id in prices:
+                    raise ValueError(
+                        f"models.{index}.price: {model_id!r} is also priced under prices:"
+                    )
+                prices[model_id] = price
+            models.append(model)
+        return {**raw, "models": models, "prices": prices}
 
     @field_validator("prices")
     @classmethod

@@ -1,0 +1,138 @@
+"""`sluis up` on Ray: the whole stack, on a local Ray or deployed onto an existing cluster.
+
+Builds the tiny models when the catalog asks for them, starts (or joins) Ray, deploys the
+application (`deployments/app.py`), announces the admin token and a demo tenant key, and on
+SIGINT/SIGTERM takes everything down again: the application, Serve, and a Ray it started itself,
+so no Ray or vLLM process outlives it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from deployments.app import APP_NAME, build_application, check_engine_args, check_placement
+from deployments.sources import resolve_sources
+from gateway.admin_client import AdminClient, AdminError
+from gateway.app import admin_token_path, resolve_admin_token
+from gateway.settings import Settings
+
+log = logging.getLogger("sluis.stack")
+
+DEMO_TENANT = "demo"
+# Logical CPUs a local Ray declares: scheduling slots, not cores. Serve's controller, proxy and
+# ingress need slots beside the model replicas; on 2 real cores the OS shares them anyway.
+LOCAL_RAY_CPUS = 8
+
+
+@dataclass(frozen=True)
+class StackOptions:
+    # A Ray cluster to deploy onto (`ray://host:10001` or `host:6379`); None: `RAY_ADDRESS`,
+    # else a local Ray started here and stopped on exit.
+    address: str | None = None
+    ray_metrics_port: int | None = None
+
+
+def run_stack(settings: Settings, options: StackOptions) -> int:
+    import ray
+    from ray import serve
+
+    from gateway.serve import refuse_taken_port
+
+    address = options.address or os.environ.get("RAY_ADDRESS") or None
+    settings = _pinned(settings)
+    models = settings.file.models
+    check_engine_args(models)
+    sources = resolve_sources(models, settings.state_dir / "models")
+    if address is None:
+        refuse_taken_port(settings.host, settings.port)
+    stop = _stop_on_signals()
+    init: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
+    if address is None:
+        init["num_cpus"] = LOCAL_RAY_CPUS
+        if options.ray_metrics_port:
+            init["_metrics_export_port"] = options.ray_metrics_port
+    ray.init(address=address, **init)
+    try:
+        check_placement(models, ray.nodes())
+        serve.start(http_options={"host": settings.host, "port": settings.port})
+        serve.run(build_application(settings, sources), name=APP_NAME, route_prefix="/")
+        print(_announce(settings), flush=True)
+        stop.wait()
+        print("sluis: shutting down", flush=True)
+    finally:
+        if address is None:
+            serve.shutdown()
+        else:
+            serve.delete(APP_NAME)
+        ray.shutdown()
+    return 0
+
+
+def _pinned(settings: Settings) -> Settings:
+    """Settings a replica can use anywhere: absolute paths (replicas do not share our working
+    directory) and the admin token resolved once here (the replica and we must agree)."""
+    state_dir = settings.state_dir.resolve()
+    update: dict[str, Any] = {"state_dir": state_dir}
+    sqlite = "sqlite+aiosqlite:///"
+    if settings.database_url.startswith(sqlite) and not settings.database_url.startswith(
+        sqlite + "/"
+    ):
+        relative = settings.database_url.removeprefix(sqlite)
+        update["database_url"] = sqlite + str(Path(relative).resolve())
+    pinned = settings.model_copy(update=update)
+    if settings.admin_token is None:
+        from pydantic import SecretStr
+
+        pinned = pinned.model_copy(update={"admin_token": SecretStr(resolve_admin_token(pinned))})
+    return pinned
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+
+    def handle(signum: int, frame: Any) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, handle)
+    signal.signal(signal.SIGTERM, handle)
+    return stop
+
+
+def _announce(settings: Settings) -> str:
+    url = f"http://{settings.host}:{settings.port}"
+    token = settings.admin_token.get_secret_value() if settings.admin_token else ""
+    lines = [
+        f"Sluis is up: {url}/v1 (Ray Serve; models: "
+        + ", ".join(m.id for m in settings.file.models)
+        + ")",
+        f"admin token: {admin_token_path(settings)}"
+        if os.environ.get("SLUIS_ADMIN_TOKEN") is None
+        else "admin token: $SLUIS_ADMIN_TOKEN",
+        f"metrics: http://{settings.metrics_host}:{settings.metrics_port}/metrics"
+        if settings.metrics_port
+        else "metrics: off",
+    ]
+    admin = AdminClient(url, token)
+    try:
+        admin.call("POST", "/tenants", json={"name": DEMO_TENANT, "models": ["*"]})
+        key = admin.call("POST", f"/tenants/{DEMO_TENANT}/keys", json={"name": "demo"})["key"]
+        first = settings.file.models[0].id if settings.file.models else "MODEL"
+        lines.append(f"demo tenant key: {key}")
+        lines.append(
+            f'try: curl {url}/v1/chat/completions -H "Authorization: Bearer {key}" '
+            f"-H 'content-type: application/json' "
+            f'-d \'{{"model": "{first}", "messages": [{{"role": "user", "content": "Hello"}}]}}\''
+        )
+    except AdminError as exc:
+        if not str(exc).startswith("409"):
+            raise
+        lines.append(f"demo tenant exists; new key: sluis keys create {DEMO_TENANT}")
+    finally:
+        admin.close()
+    return "\n".join(lines)
