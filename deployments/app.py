@@ -45,12 +45,15 @@ def build_application(settings: Settings, sources: Mapping[str, str]) -> Any:
         else:
             deployment = serve.deployment(VLLMModel, **options)
             handles[served] = deployment.bind(served, sources[model.id], model.task, model.engine)
+    gateway_actor: dict[str, Any] = {"num_cpus": 0.5}
+    if settings.gateway_node_labels:
+        gateway_actor["label_selector"] = dict(settings.gateway_node_labels)
     ingress = serve.deployment(
-        serve.ingress()(GatewayIngress),
+        GatewayIngress,
         name=GATEWAY_DEPLOYMENT,
         num_replicas=1,
-        max_ongoing_requests=100_000,  # admission is the gateway's job (quotas, concurrency)
-        ray_actor_options={"num_cpus": 0.5},
+        ray_actor_options=gateway_actor,
+        graceful_shutdown_timeout_s=settings.shutdown_drain_s + 5,
     )
     return ingress.bind(settings, handles)
 

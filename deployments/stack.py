@@ -60,8 +60,9 @@ def run_stack(settings: Settings, options: StackOptions) -> int:
     ray.init(address=address, **init)
     try:
         check_placement(models, ray.nodes())
-        serve.start(http_options={"host": settings.host, "port": settings.port})
-        serve.run(build_application(settings, sources), name=APP_NAME, route_prefix="/")
+        # The gateway replica serves HTTP itself (deployments/ingress.py): no Serve proxy.
+        serve.start(proxy_location="Disabled")
+        serve.run(build_application(settings, sources), name=APP_NAME, route_prefix=None)
         print(_announce(settings), flush=True)
         stop.wait()
         print("sluis: shutting down", flush=True)

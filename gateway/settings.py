@@ -186,6 +186,9 @@ class Settings(BaseSettings):
     # How long a reservation or concurrency lease lives if its gateway never settles it.
     quota_lease_s: float = Field(default=900.0, gt=0)
     shutdown_drain_s: float = Field(default=30.0, ge=0)
+    # Ray nodes the gateway replica may run on (e.g. the head node a load balancer points at),
+    # as JSON: SLUIS_GATEWAY_NODE_LABELS='{"sluis.eu/role": "gateway"}'.
+    gateway_node_labels: dict[str, str] = Field(default_factory=dict)
     file: FileConfig = FileConfig()
 
     @field_validator("admin_token")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -11,6 +13,8 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+
+import psutil
 
 
 def free_port() -> int:
@@ -79,3 +83,97 @@ class Process:
 def sluis_gateway_command(upstream: str, port: int) -> list[str]:
     args = f"-m gateway.cli gateway --upstream {upstream} --port {port}"
     return [sys.executable, *args.split()]
+
+
+class SluisUp:
+    """`sluis up` (Ray Serve + vLLM, or whatever the config says) as a process: waits for its
+    announcement, knows every process of its tree, stops it by signal like a user's Ctrl-C."""
+
+    KEY = re.compile(rb"demo tenant key: (sk-sluis-[A-Za-z0-9-]+)")
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        config: Path,
+        port: int | None = None,
+        metrics_port: int | None = None,
+        ray_metrics_port: int | None = None,
+        env: dict[str, str] | None = None,
+        extra_args: Sequence[str] = (),
+    ) -> None:
+        self.workdir = workdir
+        self.port = port or free_port()
+        self.metrics_port = metrics_port or free_port()
+        self.ray_metrics_port = ray_metrics_port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = workdir / f"sluis-up-{self.port}.log"
+        command = [
+            sys.executable, "-m", "gateway.cli", "up", "--config", str(config),
+            "--port", str(self.port), "--metrics-port", str(self.metrics_port),
+            "--ray-metrics-port", str(self.ray_metrics_port), *extra_args,
+        ]  # fmt: skip
+        self._out = self.log.open("wb")
+        self.popen = subprocess.Popen(
+            command,
+            cwd=workdir,
+            env={**os.environ, **(env or {})},
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.key = ""
+        self.seen: dict[int, float] = {}
+
+    @property
+    def admin_token(self) -> str:
+        return (self.workdir / ".sluis" / "admin_token").read_text().strip()
+
+    def wait_ready(self, timeout: float = 600) -> str:
+        """The demo tenant key, once the stack has announced itself."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = self.KEY.search(self.log.read_bytes())
+            if found:
+                self.key = found.group(1).decode()
+                self.remember_processes()
+                return self.key
+            if self.popen.poll() is not None:
+                raise RuntimeError(f"sluis up exited with {self.popen.returncode}: {self.log}")
+            time.sleep(0.5)
+        raise RuntimeError(f"sluis up not ready within {timeout}s: {self.log}")
+
+    def processes(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.popen.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def remember_processes(self) -> None:
+        """Note every process of the tree now (pid -> start time), to check none outlives us."""
+        for process in self.processes():
+            with contextlib.suppress(psutil.Error):
+                self.seen[process.pid] = process.create_time()
+
+    def survivors(self) -> list[str]:
+        alive = []
+        for pid, started in self.seen.items():
+            with contextlib.suppress(psutil.Error):
+                process = psutil.Process(pid)
+                if process.create_time() == started and process.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(f"{pid} {process.name()}")
+        return alive
+
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 120) -> int:
+        """Signal `sluis up` itself (not its group: as a terminal's Ctrl-C reaches the
+        foreground process) and wait; kills the whole group if it hangs."""
+        self.remember_processes()
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.popen.pid, signal.SIGKILL)
+                self.popen.wait(10)
+        self._out.close()
+        return self.popen.returncode
