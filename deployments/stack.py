@@ -28,6 +28,19 @@ DEMO_TENANT = "demo"
 # Logical CPUs a local Ray declares: scheduling slots, not cores. Serve's controller, proxy and
 # ingress need slots beside the model replicas; on 2 real cores the OS shares them anyway.
 LOCAL_RAY_CPUS = 8
+# Ray Serve's lean request path (its "throughput optimized" set, without direct ingress: our
+# gateway serves HTTP itself): handle calls over gRPC instead of Ray actor tasks, user code and
+# router on the replica's own event loop, buffered request logs. Read by every Serve process at
+# import, so they must be in the environment of the raylets: set here for a local Ray; set them
+# on every node of a cluster (README).
+SERVE_TUNING = {
+    "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+    "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000",
+    "RAY_SERVE_LOG_TO_STDERR": "0",
+    "RAY_SERVE_FREEZE_GC_ON_STARTUP": "1",
+}
 
 
 @dataclass(frozen=True)
@@ -54,6 +67,8 @@ def run_stack(settings: Settings, options: StackOptions) -> int:
     stop = _stop_on_signals()
     init: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
     if address is None:
+        for name, value in SERVE_TUNING.items():
+            os.environ.setdefault(name, value)  # inherited by the raylet and its workers
         init["num_cpus"] = LOCAL_RAY_CPUS
         if options.ray_metrics_port:
             init["_metrics_export_port"] = options.ray_metrics_port

@@ -101,6 +101,9 @@ class ModelConfig(_Strict):
     placement: Placement = Placement()
     # Requests one replica takes at once before Ray Serve queues them in the caller.
     max_ongoing_requests: int = Field(default=256, ge=1)
+    # A replica sends a stream's events to the gateway gathered over this window (the first
+    # at once): fewer Ray messages, the same events. 0 sends each event on its own.
+    stream_window_ms: float = Field(default=20.0, ge=0, le=1000)
     # Environment of the model's replicas (e.g. VLLM_CPU_KVCACHE_SPACE, the KV cache in GiB).
     env: dict[str, str] = Field(default_factory=dict)
 
