@@ -52,12 +52,16 @@ class StackOptions:
 
 
 def run_stack(settings: Settings, options: StackOptions) -> int:
+    address = options.address or os.environ.get("RAY_ADDRESS") or None
+    if address is None:
+        # Before Ray Serve is imported: its constants (and the handles we bind) read them then.
+        for name, value in SERVE_TUNING.items():
+            os.environ.setdefault(name, value)  # inherited by the raylet and its workers
     import ray
     from ray import serve
 
     from gateway.serve import refuse_taken_port
 
-    address = options.address or os.environ.get("RAY_ADDRESS") or None
     settings = _pinned(settings)
     models = settings.file.models
     check_engine_args(models)
@@ -67,8 +71,6 @@ def run_stack(settings: Settings, options: StackOptions) -> int:
     stop = _stop_on_signals()
     init: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
     if address is None:
-        for name, value in SERVE_TUNING.items():
-            os.environ.setdefault(name, value)  # inherited by the raylet and its workers
         init["num_cpus"] = LOCAL_RAY_CPUS
         if options.ray_metrics_port:
             init["_metrics_export_port"] = options.ray_metrics_port
