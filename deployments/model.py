@@ -21,6 +21,9 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
+from pydantic import TypeAdapter, ValidationError
+from starlette.requests import Request
+
 from deployments.coalesce import gathered
 from deployments.vllm_errors import error_reply, invalid_body
 
@@ -44,6 +47,10 @@ class VLLMModel:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.entrypoints.launchers.api_server.app_state import init_app_state
         from vllm.entrypoints.launchers.cli_args import FrontendArgs
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+        from vllm.entrypoints.pooling.embed.protocol import EmbeddingRequest
+        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
         from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
         from vllm.v1.executor import Executor
@@ -70,6 +77,9 @@ class VLLMModel:
             args=namespace,
             supported_tasks=await self._engine.get_supported_tasks(),
         )
+        self._request_types = {CHAT: ChatCompletionRequest, COMPLETIONS: CompletionRequest}
+        self._embedding_request = TypeAdapter(EmbeddingRequest)
+        self._error_response = ErrorResponse
         self._served_name = served_name
         self._stream_window_s = stream_window_s
         self._chat = getattr(state, "openai_serving_chat", None)
@@ -115,14 +125,10 @@ class VLLMModel:
     async def _generate(
         self, endpoint: str, body: dict[str, Any], headers: dict[str, str]
     ) -> tuple[int, bytes] | AsyncGenerator[str, None]:
-        from pydantic import ValidationError
-        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
-        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
-
         serving = self._chat if endpoint == CHAT else self._completion
-        if serving is None or endpoint not in (CHAT, COMPLETIONS):
+        request_type = self._request_types.get(endpoint)
+        if serving is None or request_type is None:
             return await invalid_body(f"{self._served_name} does not serve /v1/{endpoint}")
-        request_type = ChatCompletionRequest if endpoint == CHAT else CompletionRequest
         try:
             request = request_type.model_validate(body)
         except ValidationError as exc:
@@ -137,16 +143,14 @@ class VLLMModel:
             return error_reply(exc)
         if hasattr(answer, "__aiter__"):
             return answer  # type: ignore[no-any-return]
-        return _reply(answer)
+        status = int(answer.error.code) if isinstance(answer, self._error_response) else 200
+        return status, answer.model_dump_json().encode()
 
     async def _embed(self, body: dict[str, Any], headers: dict[str, str]) -> tuple[int, bytes]:
-        from pydantic import TypeAdapter, ValidationError
-        from vllm.entrypoints.pooling.embed.protocol import EmbeddingRequest
-
         if self._embedding is None:
             return await invalid_body(f"{self._served_name} does not serve /v1/embeddings")
         try:
-            request = TypeAdapter(EmbeddingRequest).validate_python(body)
+            request = self._embedding_request.validate_python(body)
         except ValidationError as exc:
             return await invalid_body(exc)
         try:
@@ -156,10 +160,8 @@ class VLLMModel:
         return int(response.status_code), bytes(response.body)
 
 
-def _raw_request(headers: dict[str, str]) -> Any:
+def _raw_request(headers: dict[str, str]) -> Request:
     """A minimal Starlette request: vLLM reads only its headers (trace context, request id)."""
-    from starlette.requests import Request
-
     scope = {
         "type": "http",
         "method": "POST",
@@ -168,11 +170,3 @@ def _raw_request(headers: dict[str, str]) -> Any:
         "query_string": b"",
     }
     return Request(scope)
-
-
-def _reply(answer: Any) -> tuple[int, bytes]:
-    from vllm.entrypoints.serve.engine.protocol import ErrorResponse
-
-    if isinstance(answer, ErrorResponse):
-        return int(answer.error.code), answer.model_dump_json().encode()
-    return 200, answer.model_dump_json().encode()

@@ -19,12 +19,12 @@ from typing import Any
 from deployments.app import APP_NAME, build_application, check_engine_args, check_placement
 from deployments.sources import resolve_sources
 from gateway.admin_client import AdminClient, AdminError
-from gateway.app import admin_token_path, resolve_admin_token
+from gateway.app import resolve_admin_token
+from gateway.serve import DEMO_TENANT, announcement, refuse_taken_port
 from gateway.settings import Settings
 
 log = logging.getLogger("sluis.stack")
 
-DEMO_TENANT = "demo"
 # Logical CPUs a local Ray declares: scheduling slots, not cores. Serve's controller, proxy and
 # ingress need slots beside the model replicas; on 2 real cores the OS shares them anyway.
 LOCAL_RAY_CPUS = 8
@@ -59,8 +59,6 @@ def run_stack(settings: Settings, options: StackOptions) -> int:
             os.environ.setdefault(name, value)  # inherited by the raylet and its workers
     import ray
     from ray import serve
-
-    from gateway.serve import refuse_taken_port
 
     settings = _pinned(settings)
     models = settings.file.models
@@ -123,34 +121,19 @@ def _stop_on_signals() -> threading.Event:
 
 
 def _announce(settings: Settings) -> str:
+    """The demo tenant and key made through the admin API (the gateway runs in a replica)."""
     url = f"http://{settings.host}:{settings.port}"
     token = settings.admin_token.get_secret_value() if settings.admin_token else ""
-    lines = [
-        f"Sluis is up: {url}/v1 (Ray Serve; models: "
-        + ", ".join(m.id for m in settings.file.models)
-        + ")",
-        f"admin token: {admin_token_path(settings)}"
-        if os.environ.get("SLUIS_ADMIN_TOKEN") is None
-        else "admin token: $SLUIS_ADMIN_TOKEN",
-        f"metrics: http://{settings.metrics_host}:{settings.metrics_port}/metrics"
-        if settings.metrics_port
-        else "metrics: off",
-    ]
     admin = AdminClient(url, token)
+    key: str | None = None
     try:
         admin.call("POST", "/tenants", json={"name": DEMO_TENANT, "models": ["*"]})
         key = admin.call("POST", f"/tenants/{DEMO_TENANT}/keys", json={"name": "demo"})["key"]
-        first = settings.file.models[0].id if settings.file.models else "MODEL"
-        lines.append(f"demo tenant key: {key}")
-        lines.append(
-            f'try: curl {url}/v1/chat/completions -H "Authorization: Bearer {key}" '
-            f"-H 'content-type: application/json' "
-            f'-d \'{{"model": "{first}", "messages": [{{"role": "user", "content": "Hello"}}]}}\''
-        )
     except AdminError as exc:
         if not str(exc).startswith("409"):
             raise
-        lines.append(f"demo tenant exists; new key: sluis keys create {DEMO_TENANT}")
     finally:
         admin.close()
-    return "\n".join(lines)
+    models = [m.id for m in settings.file.models]
+    engine = f" (Ray Serve; models: {', '.join(models)})"
+    return announcement(settings, engine, key, models[0] if models else "MODEL")

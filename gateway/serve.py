@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import socket
 import threading
@@ -102,31 +103,38 @@ async def serve_up(settings: Settings) -> None:
 
 
 async def _announce(settings: Settings, state: GatewayState) -> None:
-    url = f"http://{settings.host}:{settings.port}"
-    lines = [
-        f"Sluis is up: {url}/v1",
-        f"admin token: {admin_token_path(settings)}"
-        if settings.admin_token is None
-        else "admin token: $SLUIS_ADMIN_TOKEN",
-        f"metrics: http://{settings.metrics_host}:{settings.metrics_port}/metrics"
-        if settings.metrics_port
-        else "metrics: off",
-    ]
     try:
         await state.tenants.create_tenant(
             DEMO_TENANT, models=("*",), metadata={"created_by": "sluis up"}, actor="sluis-up"
         )
         _, key = await state.tenants.create_key(DEMO_TENANT, actor="sluis-up", name="demo")
+    except Conflict:
+        key = None
+    print(announcement(settings, "", key, state.catalog.ids()[0]), flush=True)
+
+
+def announcement(settings: Settings, engine: str, key: str | None, model: str) -> str:
+    """What `sluis up` prints once serving: where, the admin token, metrics, a demo key."""
+    url = f"http://{settings.host}:{settings.port}"
+    lines = [
+        f"Sluis is up: {url}/v1{engine}",
+        "admin token: $SLUIS_ADMIN_TOKEN"
+        if os.environ.get("SLUIS_ADMIN_TOKEN")
+        else f"admin token: {admin_token_path(settings)}",
+        f"metrics: http://{settings.metrics_host}:{settings.metrics_port}/metrics"
+        if settings.metrics_port
+        else "metrics: off",
+    ]
+    if key is None:
+        lines.append(f"demo tenant exists; new key: sluis keys create {DEMO_TENANT}")
+    else:
         lines.append(f"demo tenant key: {key}")
         lines.append(
             f'try: curl {url}/v1/chat/completions -H "Authorization: Bearer {key}" '
             f"-H 'content-type: application/json' "
-            f'-d \'{{"model": "{state.catalog.ids()[0]}", '
-            f'"messages": [{{"role": "user", "content": "Hello"}}]}}\''
+            f'-d \'{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello"}}]}}\''
         )
-    except Conflict:
-        lines.append(f"demo tenant exists; new key: sluis keys create {DEMO_TENANT}")
-    print("\n".join(lines), flush=True)
+    return "\n".join(lines)
 
 
 async def serve_fake_engine(host: str, port: int, *, ttft_s: float, token_delay_s: float) -> None:

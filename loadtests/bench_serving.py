@@ -44,7 +44,7 @@ import yaml
 from deployments.tiny_models import build_tiny_chat
 from gateway.serve import run_async as run_loop
 from loadtests.httpload import Sample
-from loadtests.processes import Process, SluisUp, free_port
+from loadtests.processes import Process, SluisUp, free_port, process_tree
 
 MODEL = "tiny-chat"
 PROMPT = "The gateway sits in front of the model servers. Every request carries an API key, and"
@@ -289,13 +289,6 @@ def wait_models(url: str, alive: Callable[[], bool], log: Path, headers: dict[st
     raise BenchError(f"{url}/models not 200 within 600 s; log: {log}")
 
 
-def tree(pid: int) -> list[psutil.Process]:
-    try:
-        return psutil.Process(pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-
-
 def processes(pids: Iterable[int]) -> list[psutil.Process]:
     found = []
     for pid in pids:
@@ -331,10 +324,10 @@ def bare_target(workdir: Path, model_dir: Path, info: dict[str, Any]) -> Iterato
     try:
         url = f"http://127.0.0.1:{port}/v1"
         wait_models(url, lambda: process.popen.poll() is None, process.log, {})
-        children = tree(process.popen.pid)
+        children = process_tree(process.popen.pid)
         yield Endpoint(url, root_pid=process.popen.pid)
     finally:
-        children += tree(process.popen.pid)
+        children += process_tree(process.popen.pid)
         process.stop()
         info["leftovers"] = reap(children, "bare")
         info["omp_binding"] = binding(process.log)
@@ -410,7 +403,7 @@ def process_label(process: psutil.Process) -> str:
 def cpu_seconds(root_pid: int) -> dict[int, tuple[str, float]]:
     """Per process of the target's tree and of this load generator: (label, CPU seconds)."""
     found: dict[int, tuple[str, float]] = {}
-    for process in [*tree(root_pid), *processes([root_pid]), psutil.Process()]:
+    for process in [*process_tree(root_pid), *processes([root_pid]), psutil.Process()]:
         with contextlib.suppress(psutil.Error):
             times = process.cpu_times()
             label = "load generator" if process.pid == os.getpid() else process_label(process)

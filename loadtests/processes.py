@@ -38,6 +38,14 @@ def wait_port(
     raise RuntimeError(f"{name} did not listen on {port} within {timeout}s")
 
 
+def process_tree(pid: int) -> list[psutil.Process]:
+    """Every descendant of a process (none once it is gone)."""
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
 def pinned(command: Sequence[str], cores: str) -> list[str]:
     if shutil.which("taskset") and len(os.sched_getaffinity(0)) > 1:
         return ["taskset", "-c", cores, *command]
@@ -144,10 +152,7 @@ class SluisUp:
         raise RuntimeError(f"sluis up not ready within {timeout}s: {self.log}")
 
     def processes(self) -> list[psutil.Process]:
-        try:
-            return psutil.Process(self.popen.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            return []
+        return process_tree(self.popen.pid)
 
     def remember_processes(self) -> None:
         """Note every process of the tree now (pid -> start time), to check none outlives us."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import httpx
 
 
@@ -19,3 +21,14 @@ def leave_mid_stream(url: str, key: str, *, max_tokens: int, delay_s: float) -> 
         for line in response.iter_lines():
             if '"content":"' in line and '"content":""' not in line:
                 return
+
+
+def admin_request(url: str, token: str, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    """One call to a gateway's admin API (`/admin/v1{path}`) with the admin token."""
+    return httpx.request(
+        method,
+        f"{url}/admin/v1{path}",
+        headers={"authorization": f"Bearer {token}"},
+        timeout=30,
+        **kwargs,
+    )

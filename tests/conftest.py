@@ -19,6 +19,7 @@ from gateway.fake_server import create_fake_server
 from gateway.settings import Settings
 from gateway.state import GatewayState
 from gateway.upstreams.base import Upstream
+from tests.clients import admin_request
 from tests.servers import ServerThread
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
@@ -79,13 +80,7 @@ class RunningGateway:
         return state
 
     def admin(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        return httpx.request(
-            method,
-            f"{self.url}/admin/v1{path}",
-            headers={"authorization": f"Bearer {ADMIN_TOKEN}"},
-            timeout=30,
-            **kwargs,
-        )
+        return admin_request(self.url, ADMIN_TOKEN, method, path, **kwargs)
 
     def create_tenant(self, name: str, models: list[str] | None = None) -> str:
         """A tenant with one key; returns the key."""

@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from loadtests.processes import SluisUp
+from tests.clients import admin_request
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -31,13 +32,7 @@ class RealStack:
         return self.up.key
 
     def admin(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        return httpx.request(
-            method,
-            f"{self.url}/admin/v1{path}",
-            headers={"authorization": f"Bearer {self.up.admin_token}"},
-            timeout=30,
-            **kwargs,
-        )
+        return admin_request(self.url, self.up.admin_token, method, path, **kwargs)
 
     def record(self, request_id: str, timeout: float = 15) -> dict[str, Any]:
         """The ledger's usage record of one request, once metering has written it."""
