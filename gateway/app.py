@@ -100,6 +100,7 @@ def create_app(
             if listener is not None:
                 await listener.start()
             catalog = await build_catalog(settings, upstream_config, the_upstream)
+            metrics.register_models(catalog.ids(), upstream_config.kind)
             tenants = TenantStore(database, clock)
             ledger = Ledger(database)
             meter = Meter(

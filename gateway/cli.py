@@ -18,6 +18,7 @@ from gateway.admin_client import AdminClient, AdminError
 from gateway.serve import run_async
 from gateway.settings import ConfigError, load_settings
 from gateway.tables import render_table
+from loadtests.capacity_command import add_command as add_capacity_command
 
 TENANT_COLUMNS = ("name", "id", "status", "models", "created_at")
 KEY_COLUMNS = ("id", "name", "prefix", "created_at", "expires_at", "revoked_at")
@@ -486,6 +487,8 @@ def _parser() -> argparse.ArgumentParser:
         help="the shortest scrape gap reported (default 60)",
     )
     invoice.set_defaults(run=_invoice)
+
+    add_capacity_command(commands)
 
     audit = commands.add_parser("audit", parents=[admin], help="the admin audit log")
     audit.add_argument("--tenant")

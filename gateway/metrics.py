@@ -77,6 +77,26 @@ class Metrics:
             ["tenant", "model"],
             registry=r,
         )
+        self.model_info = Gauge(
+            "sluis_model_info",
+            "1 for every catalog model this gateway serves, with the kind of upstream serving it.",
+            ["model", "upstream"],
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "sluis_queue_depth",
+            "Requests sent to a model that have no answer yet (waiting for a replica, or in "
+            "prefill), by model.",
+            ["model"],
+            registry=r,
+        )
+        self.budget_used_ratio = Gauge(
+            "sluis_budget_used_ratio",
+            "Share of a tenant's budget used or reserved, as of its latest admission, by tenant "
+            "and budget (tokens_per_day|tokens_per_month|eur_per_month).",
+            ["tenant", "budget"],
+            registry=r,
+        )
         self.quota_rejections = Counter(
             "sluis_quota_rejections",
             "Requests refused by a quota, by tenant and the limit that refused them.",
@@ -89,6 +109,13 @@ class Metrics:
             ["mode", "operation"],
             registry=r,
         )
+
+    def register_models(self, model_ids: Sequence[str], upstream: str) -> None:
+        """The catalog's models, and a zero series for each so that dashboards show an idle
+        model as 0, not as absent."""
+        for model in model_ids:
+            self.model_info.labels(model, upstream).set(1)
+            self.queue_depth.labels(model).set(0)
 
     def seed(self, totals: Sequence[CounterSeed]) -> None:
         """Start the counters where this gateway's ledger records leave them, so a restart is

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from contextlib import AsyncExitStack
+from collections.abc import Iterator
+from contextlib import AsyncExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,7 +117,8 @@ async def _complete(ctx: _Context, body: dict[str, Any]) -> Response:
             state.metrics.gateway_overhead.observe(state.clock.monotonic() - ctx.started)
             with trace.use_span(span, end_on_exit=False):
                 call = UpstreamCall(ctx.endpoint, body, ctx.request_id, propagation_headers())
-            reply = await state.upstream.send(call)
+            with _queued(ctx):
+                reply = await state.upstream.send(call)
             if reply.status != 200:
                 raise reply_error(reply)
         except SluisError as exc:
@@ -148,7 +150,8 @@ async def _stream(ctx: _Context, body: dict[str, Any], meter: StreamMeter) -> St
     with trace.use_span(span, end_on_exit=False):
         call = UpstreamCall(ctx.endpoint, body, ctx.request_id, propagation_headers())
     try:
-        events = await resources.enter_async_context(state.upstream.stream(call))
+        with _queued(ctx):
+            events = await resources.enter_async_context(state.upstream.stream(call))
     except SluisError as exc:
         span.set_status(trace.StatusCode.ERROR, exc.code)
         _end_model_span(span, 0, 0)
@@ -216,6 +219,17 @@ def _end_model_span(span: Span, prompt: int, completion: int) -> None:
     span.set_attribute("gen_ai.usage.input_tokens", prompt)
     span.set_attribute("gen_ai.usage.output_tokens", completion)
     span.end()
+
+
+@contextmanager
+def _queued(ctx: _Context) -> Iterator[None]:
+    """Sent to the model, no answer yet: what `sluis_queue_depth` counts."""
+    gauge = ctx.state.metrics.queue_depth.labels(ctx.model.id)
+    gauge.inc()
+    try:
+        yield
+    finally:
+        gauge.dec()
 
 
 def _enter(ctx: _Context) -> None:

@@ -24,7 +24,14 @@ from gateway.metrics import Metrics
 from gateway.tenancy.records import Tenant
 from gateway.tokens import count_prompt_tokens
 from quotas.checks import Check, CheckState, Decision, Kind
-from quotas.plan import Usage, actual_costs, plan_checks, scoped_checks, with_costs
+from quotas.plan import (
+    Usage,
+    actual_costs,
+    is_tenant_wide,
+    plan_checks,
+    scoped_checks,
+    with_costs,
+)
 from quotas.policy import QuotaPolicy, effective_policy
 from quotas.store import QuotaStore, StoreFailure
 
@@ -32,6 +39,8 @@ log = logging.getLogger("sluis.quotas")
 
 FailMode = Literal["open", "closed"]
 _SETTLE_RETRIES_S = (0.5, 1, 2, 5, 10, 30, 60)
+# Budget checks' key infixes (see quotas.plan), as named in the policy and on the metric.
+_BUDGET_NAMES = {"tpd": "tokens_per_day", "tpmo": "tokens_per_month", "eur": "eur_per_month"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +122,7 @@ class QuotaAdmission:
             return Admitted()
         if not decision.allowed:
             raise self._refusal(checks, decision, tenant.name)
+        self._show_budgets(tenant, checks, decision.states)
         return Admitted(
             headers=rate_limit_headers(checks, decision.states),
             reservation=Reservation(checks, request.request_id, model.id, now.timestamp()),
@@ -225,6 +235,16 @@ class QuotaAdmission:
                 "The quota store is unavailable; try again shortly.",
                 retry_after=max(1, math.ceil(self._timeout_s)),
             )
+
+    def _show_budgets(
+        self, tenant: Tenant, checks: Sequence[Check], states: Sequence[CheckState]
+    ) -> None:
+        """The tenant-wide budgets' use on the metrics listener (dashboards, alerts)."""
+        for check, state in zip(checks, states, strict=True):
+            budget = _BUDGET_NAMES.get(check.key.rsplit(":", 2)[-2])
+            if budget is not None and is_tenant_wide(check, tenant.id) and check.limit > 0:
+                used = (state.used + state.reserved) / check.limit
+                self._metrics.budget_used_ratio.labels(tenant.name, budget).set(used)
 
     def _refusal(self, checks: list[Check], decision: Decision, tenant: str) -> RateLimited:
         assert decision.failed is not None

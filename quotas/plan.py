@@ -41,11 +41,14 @@ def _cost(code: str, usage: Usage, money: int) -> int:
     return usage.tokens
 
 
+_KEY_PREFIX = "sluis:q:"
+
+
 def plan_checks(
     policy: QuotaPolicy, *, tenant_id: str, model_id: str, now: datetime, lease_s: float
 ) -> list[Check]:
     """The checks a request for `model_id` runs, costs still zero (`with_costs` fills them)."""
-    checks = _checks_for(policy, f"{{{tenant_id}}}:all", now, lease_s)
+    checks = _checks_for(policy, _tenant_wide(tenant_id), now, lease_s)
     model_limits = policy.for_model(model_id)
     if model_limits is not None:
         checks += _checks_for(model_limits, f"{{{tenant_id}}}:m:{model_id}", now, lease_s)
@@ -56,11 +59,20 @@ def scoped_checks(
     policy: QuotaPolicy, *, tenant_id: str, now: datetime, lease_s: float
 ) -> list[tuple[str, Check]]:
     """Every check of a policy with a zero cost, per scope ("all" or a model id): for reports."""
-    scoped = [("all", c) for c in _checks_for(policy, f"{{{tenant_id}}}:all", now, lease_s)]
+    scoped = [("all", c) for c in _checks_for(policy, _tenant_wide(tenant_id), now, lease_s)]
     for model_id, limits in policy.models.items():
         scope = f"{{{tenant_id}}}:m:{model_id}"
         scoped += [(model_id, c) for c in _checks_for(limits, scope, now, lease_s)]
     return scoped
+
+
+def _tenant_wide(tenant_id: str) -> str:
+    return f"{{{tenant_id}}}:all"
+
+
+def is_tenant_wide(check: Check, tenant_id: str) -> bool:
+    """Whether a check limits the whole tenant (not one of its models)."""
+    return check.key.startswith(f"{_KEY_PREFIX}{_tenant_wide(tenant_id)}:")
 
 
 def actual_costs(
@@ -72,7 +84,7 @@ def actual_costs(
 
 
 def _checks_for(limits: Limits, scope: str, now: datetime, lease_s: float) -> list[Check]:
-    key = f"sluis:q:{scope}"
+    key = f"{_KEY_PREFIX}{scope}"
     day, month = now.date(), now.date().replace(day=1)
     month_end = _epoch(_next_month(month))
     # (key suffix, kind, code, limit, lifetime, period end) for every limit that is set.

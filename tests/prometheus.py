@@ -8,28 +8,37 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import yaml
 
 from loadtests.processes import free_port
 
 
 class PrometheusServer:
-    def __init__(self, workdir: Path, targets: list[str], *, scrape_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        targets: list[str] | None = None,
+        *,
+        scrape_s: float = 1.0,
+        config: dict[str, Any] | None = None,
+    ) -> None:
+        """Scrapes `targets` as job `sluis`, or runs a whole `config` (as prometheus.yml)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         workdir.mkdir(parents=True, exist_ok=True)
-        config = workdir / "prometheus.yml"
-        config.write_text(
-            "global:\n"
-            f"  scrape_interval: {round(scrape_s * 1000)}ms\n"
-            "scrape_configs:\n"
-            "  - job_name: sluis\n"
-            "    static_configs:\n"
-            f"      - targets: [{', '.join(repr(t) for t in targets)}]\n"
-        )
+        if config is None:
+            config = {
+                "global": {"scrape_interval": f"{round(scrape_s * 1000)}ms"},
+                "scrape_configs": [
+                    {"job_name": "sluis", "static_configs": [{"targets": targets or []}]}
+                ],
+            }
+        config_file = workdir / "prometheus.yml"
+        config_file.write_text(yaml.safe_dump(config))
         self._log = (workdir / "prometheus.log").open("wb")
         self._command = [
             "prometheus",
-            f"--config.file={config}",
+            f"--config.file={config_file}",
             f"--storage.tsdb.path={workdir / 'tsdb'}",
             f"--web.listen-address=127.0.0.1:{self.port}",
         ]
@@ -61,6 +70,8 @@ class PrometheusServer:
 
     def query(self, expression: str) -> list[dict[str, Any]]:
         response = httpx.get(f"{self.url}/api/v1/query", params={"query": expression})
+        if response.status_code == 400:
+            raise ValueError(f"{expression}: {response.json().get('error')}")
         response.raise_for_status()
         result: list[dict[str, Any]] = response.json()["data"]["result"]
         return result

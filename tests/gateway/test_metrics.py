@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from billing.prices import ModelPrice
 from gateway.settings import FileConfig
+from gateway.tokens import count_prompt_tokens
+from gateway.upstreams.base import Endpoint
 from loadtests.processes import free_port
 from tests.conftest import GatewayFactory
 
@@ -119,3 +123,57 @@ def test_counters_survive_a_restart_seeded_from_this_gateways_ledger(
     other_port = free_port()
     gateway_factory(metrics_port=other_port, gateway_id="gw-b")
     assert ("sluis_requests_total", labels) not in scrape(f"http://127.0.0.1:{other_port}/metrics")
+
+
+def test_queue_depth_counts_requests_waiting_for_their_answer(
+    gateway_factory: GatewayFactory,
+) -> None:
+    port = free_port()
+    gateway = gateway_factory(metrics_port=port)
+    key = gateway.create_tenant("acme")
+    metrics = f"http://127.0.0.1:{port}/metrics"
+    depth = ("sluis_queue_depth", (("model", "fake-chat"),))
+    info = ("sluis_model_info", (("model", "fake-chat"), ("upstream", "http")))
+    assert scrape(metrics)[depth] == 0  # every catalog model has its series from the start
+    assert scrape(metrics)[info] == 1
+    slow = {
+        "model": "fake-chat",
+        "max_tokens": 3,
+        "messages": [{"role": "user", "content": "a [[delay:0.5]]"}],
+    }
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(
+            httpx.post,
+            f"{gateway.url}/v1/chat/completions",
+            json=slow,
+            headers={"authorization": f"Bearer {key}"},
+            timeout=30,
+        )
+        seen = set()
+        while not answer.done():
+            seen.add(scrape(metrics)[depth])
+        assert answer.result().status_code == 200
+    assert 1 in seen
+    assert scrape(metrics)[depth] == 0
+
+
+def test_budget_use_is_exported_per_tenant(gateway_factory: GatewayFactory) -> None:
+    port = free_port()
+    gateway = gateway_factory(metrics_port=port)
+    key = gateway.create_tenant("acme")
+    patched = gateway.admin("PATCH", "/tenants/acme", json={"quotas": {"tokens_per_day": 1000}})
+    assert patched.status_code == 200, patched.text
+    chat = {"model": "fake-chat", "max_tokens": 5, "messages": [{"role": "user", "content": "a b"}]}
+    answer = httpx.post(
+        f"{gateway.url}/v1/chat/completions", json=chat, headers={"authorization": f"Bearer {key}"}
+    )
+    assert answer.status_code == 200
+    samples = scrape(f"http://127.0.0.1:{port}/metrics")
+    ratio = samples[("sluis_budget_used_ratio", (("budget", "tokens_per_day"), ("tenant", "acme")))]
+    # As of its admission: nothing used yet; its prompt (as the gateway counts it for the
+    # reservation) and max_tokens reserved.
+    model = gateway.state.catalog.resolve("fake-chat")
+    reserved = count_prompt_tokens(Endpoint.CHAT, chat, model.tokenizer) + 5
+    assert ratio == reserved / 1000
+    budgets = [labels for name, labels in samples if name == "sluis_budget_used_ratio"]
+    assert len(budgets) == 1  # tenants without a budget, and rate limits, have no series

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
@@ -40,7 +42,7 @@ def test_one_request_one_span_tree(
             },
         )
         assert response.status_code == 200
-        spans = {span.name: span for span in exporter.get_finished_spans()}
+        spans = _finished(exporter, "POST /v1/chat/completions", "chat fake-chat")
         server = spans["POST /v1/chat/completions"]
         model = spans["chat fake-chat"]
         assert server.kind is SpanKind.SERVER and model.kind is SpanKind.CLIENT
@@ -65,6 +67,17 @@ def test_one_request_one_span_tree(
             for value in (span.attributes or {}).values():
                 assert "geheime" not in str(value)
     assert len(fake_engine_server.app.state.traceparents) == seen_before + 2  # type: ignore[attr-defined]
+
+
+def _finished(exporter: InMemorySpanExporter, *names: str) -> dict[str, ReadableSpan]:
+    """The finished spans by name, once those named have ended: the server span ends just
+    after the answer's last byte is sent, so a busy machine may show it a moment later."""
+    deadline = time.monotonic() + 10
+    while True:
+        spans = {span.name: span for span in exporter.get_finished_spans()}
+        if all(name in spans for name in names) or time.monotonic() > deadline:
+            return spans
+        time.sleep(0.01)
 
 
 def test_no_endpoint_no_tracing(gateway_factory: GatewayFactory) -> None:

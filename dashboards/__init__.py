@@ -1,0 +1,1 @@
+"""Grafana dashboards (generated JSON), Prometheus scrape config, recording and alerting rules."""
