@@ -3,9 +3,10 @@ demand profile needs.
 
 A sweep offers a model rising request rates (open loop), one step at a time, and measures each
 step as clients see it. The sustainable step is the highest whose every lower step also held:
-TTFT p95 and time per output token p95 within the targets, no errors, and at least 90% of the
-offered rate answered. Per replica, that step's rate and output tokens/s are what one replica
-can take. A demand (tenants x requests/s x tokens) then needs, per model,
+TTFT p95 and time per output token p95 within the targets, no errors, and answers coming back
+at no less than 90% of the rate requests were sent (a model that falls behind keeps answering
+long after the step's sends end). Per replica, that step's rate and output tokens/s are what
+one replica can take. A demand (tenants x requests/s x tokens) then needs, per model,
 
     replicas = ceil(max(demand req/s / usable req/s, demand out tokens/s / usable tokens/s))
 
@@ -73,8 +74,10 @@ class Demand(BaseModel):
 
 
 class Step(BaseModel):
-    offered_rps: float
-    achieved_rps: float
+    offered_rps: float  # the step's nominal rate
+    # What was really sent (Poisson arrivals scatter around the nominal rate); None: nominal.
+    sent_rps: float | None = None
+    achieved_rps: float  # answered, over the time from the first send to the last answer
     output_tokens_per_s: float
     ttft_p95_s: float | None  # None: nothing was answered
     tpot_p95_s: float | None = None  # None for embeddings
@@ -84,7 +87,7 @@ class Step(BaseModel):
     def holds(self, targets: Targets) -> bool:
         if self.errors or self.ttft_p95_s is None:
             return False
-        if self.achieved_rps < ANSWERED_SHARE * self.offered_rps:
+        if self.achieved_rps < ANSWERED_SHARE * (self.sent_rps or self.offered_rps):
             return False
         if self.ttft_p95_s > targets.ttft_p95_s:
             return False

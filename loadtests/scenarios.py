@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -125,7 +125,7 @@ class TenantUser(HttpUser):
         self, response: ResponseContextManager, started: float, record: RequestRecord
     ) -> StreamTiming | None:
         first: float | None = None
-        for line in response.iter_lines():
+        for line in _lines_as_they_arrive(response):
             if not line.startswith(b"data: ") or line == b"data: [DONE]":
                 if line == b"data: [DONE]":
                     record.complete = True
@@ -143,6 +143,19 @@ class TenantUser(HttpUser):
         tokens = record.completion_tokens
         tpot = (ended - first) / (tokens - 1) if tokens > 1 else None
         return StreamTiming(self.tenant_role, ttft_s=first - started, tpot_s=tpot)
+
+
+def _lines_as_they_arrive(response: ResponseContextManager) -> Iterator[bytes]:
+    """The stream's lines, each as soon as its bytes are in. (`iter_lines()` reads 512-byte
+    blocks first: the first token would be timed when 512 bytes had come, not when it came.)"""
+    pending = b""
+    for piece in response.iter_content(chunk_size=None):
+        pending += piece
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            yield line.rstrip(b"\r")
+    if pending:
+        yield pending
 
 
 def _has_text(chunk: dict[str, Any]) -> bool:

@@ -112,12 +112,13 @@ async def _step(
     return answers, time.perf_counter() - start
 
 
-def _measure(rate: float, answers: list[_Answer], elapsed_s: float) -> Step:
+def _measure(rate: float, answers: list[_Answer], elapsed_s: float, step_s: float) -> Step:
     good = [a for a in answers if a.ok]
     ttfts = [a.ttft_s for a in good if a.ttft_s is not None]
     tpots = [a.tpot_s for a in good if a.tpot_s is not None]
     return Step(
         offered_rps=rate,
+        sent_rps=len(answers) / step_s,
         achieved_rps=len(good) / elapsed_s,
         output_tokens_per_s=sum(a.completion_tokens for a in good) / elapsed_s,
         ttft_p95_s=percentile(ttfts, 0.95) if ttfts else None,
@@ -139,7 +140,7 @@ async def run_sweep(spec: SweepSpec, replicas: int, *, progress: bool = True) ->
     ) as session:
         for rate in sorted(spec.rates):
             answers, elapsed = await _step(session, spec, rate)
-            step = _measure(rate, answers, elapsed)
+            step = _measure(rate, answers, elapsed, spec.step_s)
             steps.append(step)
             prompt_tokens += [a.prompt_tokens for a in answers if a.ok]
             completion_tokens += [a.completion_tokens for a in answers if a.ok]
