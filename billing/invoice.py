@@ -1,11 +1,14 @@
-"""Invoices from Prometheus: per tenant and model, what its counters grew by over the period.
+"""Invoices from Prometheus: per tenant and model, what its counters of the period hold.
 
-The gateways' counters never reset (each restart starts from its own ledger records), so the
-growth is the value at the period's end minus the value at its start, summed over gateways; the
-money is read from `sluis_cost_micro_eur_total`, the price charged when each request was metered,
-so a price change in the middle of a period is billed as it applied. A boundary falls between two
-scrapes: usage of the last scrape interval before it lands in the next period (1 s with the
-shipped scrape config); `--reconcile` against the ledger shows any difference.
+Every billing counter carries the period its requests were metered in (`period="2026-11"`, the
+UTC month, from the same clock reading as the ledger's record), and a gateway keeps exporting a
+period's series through the next period. So a period's usage is the last value of its own
+series, summed over gateways: exact at the boundaries, whenever the scrapes fall, as long as
+Prometheus scraped each gateway once after its last request of the period (it has the whole next
+period to do so). The series never reset (each restart starts them from the gateway's ledger
+records), so a restart loses nothing. Money is read from `sluis_cost_micro_eur_total`, the price
+charged when each request was metered, so a price change mid-period is billed as it applied.
+`--reconcile` compares with the ledger and reports scrape gaps and lost series.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from typing import Any
 
 from billing.prometheus import BillingError, PrometheusReader
 
-LOOKBACK = "35d"
+# Looking back this far before the period's start too, for a clock that ran a little behind.
+MARGIN_S = 3600
 _PERIOD = re.compile(r"^(\d{4})-(0[1-9]|1[0-2])$")
 
 
@@ -78,16 +82,17 @@ def build_invoice(
     reader: PrometheusReader, period: Period, *, now: datetime, tenant: str | None = None
 ) -> Invoice:
     end = min(period.end, now)
-    selector = f'{{tenant="{tenant}"}}' if tenant else ""
-    tokens = _growth(
-        reader, _last("kind, model, tenant", "sluis_tokens_total", selector), period.start, end
-    )
-    requests = _growth(
-        reader, _last("model, tenant", "sluis_requests_total", selector), period.start, end
-    )
-    money = _growth(
-        reader, _last("model, tenant", "sluis_cost_micro_eur_total", selector), period.start, end
-    )
+    # Each series' last sample since the period began is its final value (or its value now).
+    lookback = f"{round((now - period.start).total_seconds()) + MARGIN_S}s"
+    selector = f'period="{period.name}"' + (f', tenant="{tenant}"' if tenant else "")
+
+    def last(by: str, metric: str) -> dict[tuple[str, ...], float]:
+        expression = f"sum by ({by}) (last_over_time({metric}{{{selector}}}[{lookback}]))"
+        return reader.vector(expression, now)
+
+    tokens = last("kind, model, tenant", "sluis_tokens_total")
+    requests = last("model, tenant", "sluis_requests_total")
+    money = last("model, tenant", "sluis_cost_micro_eur_total")
     keys = sorted({(t, m) for (_, m, t) in tokens} | {(t, m) for (m, t) in requests})
     lines = tuple(
         InvoiceLine(
@@ -101,17 +106,3 @@ def build_invoice(
         for t, m in keys
     )
     return Invoice(period.name, period.start, end, period.closed(now), lines)
-
-
-def _last(by: str, metric: str, selector: str) -> str:
-    # The last sample at or before the instant, looking back far enough to bridge a gateway
-    # that was down across the boundary (an absent series would otherwise count from zero).
-    return f"sum by ({by}) (last_over_time({metric}{selector}[{LOOKBACK}]))"
-
-
-def _growth(
-    reader: PrometheusReader, expression: str, start: datetime, end: datetime
-) -> dict[tuple[str, ...], float]:
-    before = reader.vector(expression, start)
-    after = reader.vector(expression, end)
-    return {labels: value - before.get(labels, 0.0) for labels, value in after.items()}

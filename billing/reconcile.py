@@ -1,8 +1,10 @@
 """Reconciliation: the invoice (from Prometheus) against the ledger, and the scrape gaps.
 
 Prometheus is lossy by design; the ledger is not. Any difference per tenant, model and field is
-printed, and so is every stretch of the period in which Prometheus holds no scrape of a gateway
-(with `up` sampled per minute): billing never goes silently short.
+printed; so is every tenant and model the ledger has usage for and Prometheus has no series of at
+all (a lost series: e.g. a gateway nobody scrapes), and every stretch of the period in which
+Prometheus holds no scrape of a gateway (with `up` sampled per minute): billing never goes
+silently short.
 """
 
 from __future__ import annotations
@@ -38,18 +40,26 @@ class Gap:
 
 
 @dataclass(frozen=True, slots=True)
+class LostSeries:
+    tenant: str
+    model: str
+
+
+@dataclass(frozen=True, slots=True)
 class Reconciliation:
     differences: tuple[Difference, ...]
     gaps: tuple[Gap, ...]
+    lost: tuple[LostSeries, ...] = ()
 
     @property
     def clean(self) -> bool:
-        return not self.differences and not self.gaps
+        return not self.differences and not self.gaps and not self.lost
 
     def to_json(self) -> dict[str, Any]:
         return {
             "clean": self.clean,
             "differences": [asdict(d) for d in self.differences],
+            "lost_series": [asdict(s) for s in self.lost],
             "gaps": [asdict(g) for g in self.gaps],
         }
 
@@ -78,7 +88,13 @@ def reconcile(
             a, b = float(ours.get(field, 0)), float(theirs.get(field, 0))
             if abs(a - b) > 1e-9:
                 differences.append(Difference(key[0], key[1], field, a, b))
-    return Reconciliation(tuple(differences), tuple(scrape_gaps(reader, invoice, gap_step_s)))
+    lost = tuple(
+        LostSeries(*key)
+        for key in sorted(recorded.keys() - billed.keys())
+        if any(recorded[key][field] for field in FIELDS)
+    )
+    gaps = tuple(scrape_gaps(reader, invoice, gap_step_s))
+    return Reconciliation(tuple(differences), gaps, lost)
 
 
 def scrape_gaps(reader: PrometheusReader, invoice: Invoice, step_s: float) -> list[Gap]:

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from gateway.settings import ConfigError, ModelConfig, Settings
+from gateway.tracing import traces_url
 
 APP_NAME = "sluis"
 # No Serve access log line per call: on small machines the logging alone costs the engine CPU,
@@ -50,7 +51,7 @@ def build_application(settings: Settings, sources: Mapping[str, str]) -> Any:
             engine = dict(model.engine)
             if settings.otlp_endpoint:
                 # vLLM continues the gateway's trace (`traceparent` travels with each call).
-                engine.setdefault("otlp_traces_endpoint", settings.otlp_endpoint)
+                engine.setdefault("otlp_traces_endpoint", traces_url(settings.otlp_endpoint))
             handles[served] = deployment.bind(
                 served, sources[model.id], model.task, engine, model.stream_window_ms / 1000
             )
@@ -73,6 +74,7 @@ def _model_options(model: ModelConfig, *, tracing: bool) -> dict[str, Any]:
     env = {"HF_HUB_OFFLINE": "1", **model.env}
     if tracing:
         env.setdefault("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf")  # as the gateway
+        env.setdefault("OTEL_SERVICE_NAME", f"sluis-model-{model.id}")
     actor: dict[str, Any] = {
         "num_cpus": model.resources.cpus,
         "num_gpus": model.resources.gpus,

@@ -110,7 +110,7 @@ def create_app(
                 linger_s=settings.meter_linger_s,
             )
             await meter.start()  # replays what a previous run spooled, before seeding
-            metrics.seed(await ledger.counter_seed(gateway_id))
+            metrics.seed(await ledger.counter_seed(gateway_id, now=clock.now()))
             app.state.sluis = GatewayState(
                 settings=settings,
                 clock=clock,

@@ -341,6 +341,11 @@ def _print_reconciliation(report: dict[str, Any]) -> None:
                 report["differences"], ("tenant", "model", "field", "prometheus", "ledger")
             )
         )
+    for lost in report["lost_series"]:
+        print(
+            f"reconciliation: LOST SERIES {lost['tenant']} / {lost['model']}: usage in the "
+            "ledger, no series in Prometheus (is every gateway scraped?)"
+        )
     for gap in report["gaps"]:
         print(f"reconciliation: SCRAPE GAP at {gap['target']} from {gap['start']} to {gap['end']}")
 

@@ -28,22 +28,27 @@ class Metrics:
         r = self.registry
         self.requests = Counter(
             "sluis_requests",
-            "Requests forwarded upstream, by tenant, model and status class.",
-            ["tenant", "model", "status"],
+            "Requests forwarded upstream, by tenant, model, status class and billing period.",
+            ["tenant", "model", "status", "period"],
             registry=r,
         )
         self.tokens = Counter(
             "sluis_tokens",
-            "Tokens metered, by tenant, model and kind (prompt|completion).",
-            ["tenant", "model", "kind"],
+            "Tokens metered, by tenant, model, kind (prompt|completion) and billing period.",
+            ["tenant", "model", "kind", "period"],
             registry=r,
         )
         self.cost = Counter(
             "sluis_cost_micro_eur",
-            "What the price book charged, in micro-euros (integers: exact), by tenant and model.",
-            ["tenant", "model"],
+            "What the price book charged, in micro-euros (integers: exact), by tenant, model "
+            "and billing period.",
+            ["tenant", "model", "period"],
             registry=r,
         )
+        # Billing counters carry the period (UTC month) their requests were metered in, so an
+        # invoice reads each period's own series: exact at the boundary whenever it is scraped.
+        # A period's series stay exported through the next period, then are dropped.
+        self._period_series: dict[str, set[tuple[Counter, tuple[str, ...]]]] = {}
         self.request_duration = Histogram(
             "sluis_request_duration_seconds",
             "Whole request time, by model.",
@@ -120,11 +125,12 @@ class Metrics:
     def seed(self, totals: Sequence[CounterSeed]) -> None:
         """Start the counters where this gateway's ledger records leave them, so a restart is
         no counter reset: Prometheus' increase() then loses nothing across it."""
-        for seed in totals:
+        for seed in sorted(totals, key=lambda seed: seed.period):
             self.count(
                 seed.tenant,
                 seed.model,
                 seed.status,
+                period=seed.period,
                 requests=seed.requests,
                 prompt=seed.prompt_tokens,
                 completion=seed.completion_tokens,
@@ -137,15 +143,30 @@ class Metrics:
         model: str,
         status: int,
         *,
+        period: str,
         requests: int,
         prompt: int,
         completion: int,
         cost_micro_eur: int,
     ) -> None:
-        self.requests.labels(tenant, model, status_class(status)).inc(requests)
-        if prompt:
-            self.tokens.labels(tenant, model, "prompt").inc(prompt)
-        if completion:
-            self.tokens.labels(tenant, model, "completion").inc(completion)
-        if cost_micro_eur:
-            self.cost.labels(tenant, model).inc(cost_micro_eur)
+        series = self._period_series.get(period)
+        if series is None:
+            series = self._start_period(period)
+        counts = (
+            (self.requests, (tenant, model, status_class(status), period), requests),
+            (self.tokens, (tenant, model, "prompt", period), prompt),
+            (self.tokens, (tenant, model, "completion", period), completion),
+            (self.cost, (tenant, model, period), cost_micro_eur),
+        )
+        for counter, labels, amount in counts:
+            if amount or counter is self.requests:
+                counter.labels(*labels).inc(amount)
+                series.add((counter, labels))
+
+    def _start_period(self, period: str) -> set[tuple[Counter, tuple[str, ...]]]:
+        """A new period's series; those of all but the latest two periods are dropped."""
+        series = self._period_series[period] = set()
+        for old in sorted(self._period_series)[:-2]:
+            for counter, labels in self._period_series.pop(old):
+                counter.remove(*labels)
+        return series

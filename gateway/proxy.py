@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import AsyncExitStack, contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -14,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from billing.periods import period_of
 from gateway.admission import AdmissionRequest, Admitted
 from gateway.auth import Principal
 from gateway.body import parse_json_object, read_limited_body
@@ -158,6 +160,8 @@ async def _stream(ctx: _Context, body: dict[str, Any], meter: StreamMeter) -> St
         await _refused(ctx, exc)
         raise
     _enter(ctx)
+    # The streaming phase: from the model's first answer to the client's last byte.
+    relaying = state.tracer.start_span("sluis.stream", context=trace.set_span_in_context(span))
 
     async def finish(result: StreamResult) -> None:
         try:
@@ -174,7 +178,11 @@ async def _stream(ctx: _Context, body: dict[str, Any], meter: StreamMeter) -> St
             await _settle(ctx, result.prompt_tokens, result.completion_tokens)
         finally:
             if result.outcome == "error":
+                relaying.set_status(trace.StatusCode.ERROR, "stream broke off")
                 span.set_status(trace.StatusCode.ERROR, "stream broke off")
+            relaying.set_attribute("sluis.outcome", result.outcome)
+            relaying.set_attribute("gen_ai.usage.output_tokens", result.completion_tokens)
+            relaying.end()
             span.set_attribute("sluis.outcome", result.outcome)
             _end_model_span(span, result.prompt_tokens, result.completion_tokens)
             _leave(ctx)
@@ -269,7 +277,7 @@ def _meter(
         if (prompt or completion)
         else 0
     )
-    _observe(ctx, prompt, completion, status, duration, ttft if streamed else None, cost)
+    _observe(ctx, prompt, completion, status, duration, ttft if streamed else None, cost, now)
     ctx.state.meter.record(
         UsageRecord(
             request_id=ctx.request_id,
@@ -299,10 +307,18 @@ def _observe(
     duration: float,
     ttft: float | None,
     cost: int,
+    now: datetime,
 ) -> None:
     metrics, tenant, model = ctx.state.metrics, ctx.principal.tenant.name, ctx.model.id
     metrics.count(
-        tenant, model, status, requests=1, prompt=prompt, completion=completion, cost_micro_eur=cost
+        tenant,
+        model,
+        status,
+        period=period_of(now),
+        requests=1,
+        prompt=prompt,
+        completion=completion,
+        cost_micro_eur=cost,
     )
     metrics.request_duration.labels(model).observe(duration)
     if ttft is not None:  # streams only: a whole answer has no first token to time

@@ -24,11 +24,15 @@ def build_tracer_provider(otlp_endpoint: str | None) -> trace.TracerProvider:
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
     provider = TracerProvider(resource=Resource.create({"service.name": "sluis-gateway"}))
-    endpoint = otlp_endpoint.rstrip("/")
-    if not endpoint.endswith("/v1/traces"):
-        endpoint += "/v1/traces"
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
+    exporter = OTLPSpanExporter(endpoint=traces_url(otlp_endpoint))
+    provider.add_span_processor(BatchSpanProcessor(exporter))
     return provider
+
+
+def traces_url(otlp_endpoint: str) -> str:
+    """The OTLP/HTTP traces URL of a collector given as its base URL (or already as it)."""
+    endpoint = otlp_endpoint.rstrip("/")
+    return endpoint if endpoint.endswith("/v1/traces") else f"{endpoint}/v1/traces"
 
 
 def propagation_headers() -> dict[str, str]:

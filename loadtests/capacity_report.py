@@ -68,7 +68,8 @@ def chart(sweeps: dict[str, Sweep], plans: list[ModelPlan], png: Path) -> None:
         axes.set_yscale("log")
         axes.set_xlabel("offered requests/s per replica")
         axes.set_ylabel("ms")
-        needs = f"{plan.replicas} replicas" if plan.feasible else "targets not met"
+        plural = "" if plan.replicas == 1 else "s"
+        needs = f"{plan.replicas} replica{plural}" if plan.feasible else "targets not met"
         axes.set_title(f"{plan.model}: demand {plan.demand_rps:g} req/s -> {needs}")
         axes.legend(fontsize="small")
     figure.tight_layout()

@@ -9,6 +9,7 @@ from typing import Any
 
 from sqlalchemy import Executable, func, select
 
+from billing.periods import month_start, period_of, previous_month_start
 from gateway.tenancy.database import Database
 from gateway.tenancy.errors import store_errors
 from gateway.tenancy.tables import tenants, usage_records
@@ -41,6 +42,7 @@ class CounterSeed:
     tenant: str
     model: str
     status: int
+    period: str  # YYYY-MM
     requests: int
     prompt_tokens: int
     completion_tokens: int
@@ -132,27 +134,35 @@ class Ledger:
             for row in rows
         ]
 
-    async def counter_seed(self, gateway_id: str) -> list[CounterSeed]:
-        """What one gateway metered, per tenant, model and status: its counters' start."""
+    async def counter_seed(self, gateway_id: str, *, now: datetime) -> list[CounterSeed]:
+        """What one gateway metered in the current and the previous billing period, per tenant,
+        model and status: where its counters start (older periods are no longer exported)."""
         u = usage_records
-        query = (
-            select(
-                tenants.c.name,
-                u.c.model,
-                u.c.status,
-                func.count(),
-                func.coalesce(func.sum(u.c.prompt_tokens), 0),
-                func.coalesce(func.sum(u.c.completion_tokens), 0),
-                func.coalesce(func.sum(u.c.cost_micro_eur), 0),
+        current, previous = month_start(now), previous_month_start(now)
+        seeds = []
+        for start, end in ((previous, current), (current, None)):
+            query = (
+                select(
+                    tenants.c.name,
+                    u.c.model,
+                    u.c.status,
+                    func.count(),
+                    func.coalesce(func.sum(u.c.prompt_tokens), 0),
+                    func.coalesce(func.sum(u.c.completion_tokens), 0),
+                    func.coalesce(func.sum(u.c.cost_micro_eur), 0),
+                )
+                .join(tenants, tenants.c.id == u.c.tenant_id)
+                .where(u.c.gateway_id == gateway_id, u.c.created_at >= start)
+                .group_by(tenants.c.name, u.c.model, u.c.status)
             )
-            .join(tenants, tenants.c.id == u.c.tenant_id)
-            .where(u.c.gateway_id == gateway_id)
-            .group_by(tenants.c.name, u.c.model, u.c.status)
-        )
-        return [
-            CounterSeed(r[0], r[1], int(r[2]), int(r[3]), int(r[4]), int(r[5]), int(r[6]))
-            for r in await self._rows(query)
-        ]
+            if end is not None:
+                query = query.where(u.c.created_at < end)
+            rows = await self._rows(query)
+            period = period_of(start)
+            seeds += [
+                CounterSeed(r[0], r[1], int(r[2]), period, *(int(v) for v in r[3:7])) for r in rows
+            ]
+        return seeds
 
     async def records(self, where: UsageFilter, *, limit: int = 100) -> list[UsageRecord]:
         query = select(usage_records).order_by(usage_records.c.created_at.desc()).limit(limit)

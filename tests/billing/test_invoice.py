@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
@@ -14,9 +14,11 @@ import httpx
 import pytest
 
 from billing.invoice import Period
+from billing.periods import month_start, period_of
 from billing.prices import ModelPrice
 from billing.prometheus import BillingError
 from gateway.cli import main
+from gateway.clock import ManualClock
 from gateway.settings import FileConfig
 from loadtests.processes import free_port
 from tests.clients import leave_mid_stream
@@ -247,8 +249,10 @@ def test_invoice_after_mixed_load_and_a_restart_equals_the_ledger(
         monkeypatch.setenv("SLUIS_ADMIN_TOKEN", ADMIN_TOKEN)
         keys = {name: first.create_tenant(name) for name in ("acme", "city")}
 
+        seen: dict[str, int] = dict.fromkeys(keys, 0)  # completion tokens clients received
+
         def load(gateway: RunningGateway) -> None:
-            for key in keys.values():
+            for name, key in keys.items():
                 headers = {"authorization": f"Bearer {key}"}
                 url = f"{gateway.url}/v1/chat/completions"
                 for content, stream in (
@@ -263,7 +267,9 @@ def test_invoice_after_mixed_load_and_a_restart_equals_the_ledger(
                         "stream": stream,
                         "messages": [{"role": "user", "content": content}],
                     }
-                    httpx.post(url, json=body, headers=headers).read()
+                    seen[name] += _completion_tokens_seen(
+                        httpx.post(url, json=body, headers=headers)
+                    )
             for key in keys.values():  # a client that leaves mid-stream
                 leave_mid_stream(gateway.url, key, max_tokens=50, delay_s=0.05)
 
@@ -289,5 +295,131 @@ def test_invoice_after_mixed_load_and_a_restart_equals_the_ledger(
             assert billed[name]["prompt_tokens"] == sum(r["prompt_tokens"] for r in mine)
             assert billed[name]["completion_tokens"] == sum(r["completion_tokens"] for r in mine)
             assert billed[name]["requests"] == len(mine)
+            # What the clients saw, token for token; the client that left was billed what it
+            # was sent before it left (at least the chunk it read).
+            left = [r for r in mine if r["outcome"] == "cancelled"]
+            assert len(left) == 2 and all(r["completion_tokens"] >= 1 for r in left)
+            sent_to_leavers = sum(r["completion_tokens"] for r in left)
+            assert billed[name]["completion_tokens"] == seen[name] + sent_to_leavers
+    finally:
+        prometheus.stop()
+
+
+def _completion_tokens_seen(response: httpx.Response) -> int:
+    """Completion tokens as the client saw them: the usage of a whole answer, or the text
+    chunks of a stream (the fake engine sends one token per chunk)."""
+    if response.status_code != 200:
+        return 0
+    if not response.headers["content-type"].startswith("text/event-stream"):
+        return int(response.json()["usage"]["completion_tokens"])
+    chunks = 0
+    for line in response.text.splitlines():
+        if line.startswith("data: {"):
+            for choice in json.loads(line[6:]).get("choices") or []:
+                chunks += bool((choice.get("delta") or {}).get("content"))
+    return chunks
+
+
+def test_usage_no_prometheus_series_carries_is_reported_as_a_lost_series(
+    tmp_path: Path,
+    gateway_factory: GatewayFactory,
+    postgres_url: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two gateways share the tenants and the ledger; Prometheus scrapes only the first. The
+    second one's usage is in the ledger and in no series: named, not silently left off."""
+    shared = {"database_url": postgres_url, "redis_url": "redis://127.0.0.1:6379/0"}
+    port = free_port()
+    scraped_gateway = gateway_factory(metrics_port=port, file=FileConfig(prices=PRICES), **shared)
+    forgotten = gateway_factory(metrics_port=free_port(), file=FileConfig(prices=PRICES), **shared)
+    prometheus = PrometheusServer(tmp_path / "prom-lost", [f"127.0.0.1:{port}"])
+    monkeypatch.setenv("SLUIS_URL", scraped_gateway.url)
+    monkeypatch.setenv("SLUIS_ADMIN_TOKEN", ADMIN_TOKEN)
+    try:
+        prometheus.wait_ready()
+        seen, unseen = (scraped_gateway.create_tenant(name) for name in ("seen", "unseen"))
+        body = {
+            "model": "fake-chat",
+            "max_tokens": 3,
+            "messages": [{"role": "user", "content": "x"}],
+        }
+        for gateway, key in ((scraped_gateway, seen), (forgotten, unseen)):
+            answer = httpx.post(
+                f"{gateway.url}/v1/chat/completions",
+                json=body,
+                headers={"authorization": f"Bearer {key}"},
+            )
+            assert answer.status_code == 200
+        forgotten.flush()
+        period = datetime.now(UTC).strftime("%Y-%m")
+        deadline = time.monotonic() + 30
+        while True:  # until the scraped gateway's request is in Prometheus
+            code, report = reconciled(capsys, period, prometheus, 60)
+            if report["lines"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert [line["tenant"] for line in report["lines"]] == ["seen"]
+        assert code == 4
+        assert report["reconciliation"]["lost_series"] == [
+            {"tenant": "unseen", "model": "fake-chat"}
+        ]
+        code, out, _ = invoice_of(capsys, period, prometheus, "--reconcile")
+        assert code == 4
+        assert "LOST SERIES unseen / fake-chat" in out
+    finally:
+        prometheus.stop()
+
+
+def test_usage_on_either_side_of_a_period_boundary_is_billed_to_its_own_period(
+    tmp_path: Path,
+    gateway_factory: GatewayFactory,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two requests a second apart, either side of midnight at the month's start (the gateway's
+    clock), both in the same scrape: each period's invoice holds exactly its own, as the ledger."""
+    this_month = month_start(datetime.now(UTC))
+    clock = ManualClock(this_month - timedelta(seconds=0.5))
+    port = free_port()
+    gateway = gateway_factory(metrics_port=port, clock=clock, file=FileConfig(prices=PRICES))
+    prometheus = PrometheusServer(tmp_path / "prom-boundary", [f"127.0.0.1:{port}"])
+    monkeypatch.setenv("SLUIS_URL", gateway.url)
+    monkeypatch.setenv("SLUIS_ADMIN_TOKEN", ADMIN_TOKEN)
+    try:
+        prometheus.wait_ready()
+        key = gateway.create_tenant("acme")
+        for max_tokens in (3, 5):
+            body = {
+                "model": "fake-chat",
+                "max_tokens": max_tokens,
+                "messages": [{"role": "user", "content": "een twee"}],
+            }
+            answer = httpx.post(
+                f"{gateway.url}/v1/chat/completions",
+                json=body,
+                headers={"authorization": f"Bearer {key}"},
+            )
+            assert answer.status_code == 200
+            clock.advance(1)  # across the boundary, between two scrapes
+        before, after = period_of(this_month - timedelta(days=1)), period_of(this_month)
+        deadline = time.monotonic() + 30
+        while True:
+            billed = {}
+            for period in (before, after):
+                code, out, _ = invoice_of(capsys, period, prometheus, "--format", "json")
+                assert code == 0
+                billed[period] = [
+                    (line["completion_tokens"], line["requests"])
+                    for line in json.loads(out)["lines"]
+                ]
+            if all(billed.values()) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert billed == {before: [(3, 1)], after: [(5, 1)]}
+        for period, completion in ((before, 3), (after, 5)):
+            code, report = reconciled(capsys, period, prometheus, 60)
+            assert code == 0, report["reconciliation"]
+            assert report["lines"][0]["completion_tokens"] == completion
     finally:
         prometheus.stop()

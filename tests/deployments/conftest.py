@@ -15,6 +15,7 @@ import pytest
 
 from loadtests.processes import SluisUp
 from tests.clients import admin_request
+from tests.otlp import OtlpReceiver
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -22,6 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 @dataclass
 class RealStack:
     up: SluisUp
+    traces: OtlpReceiver  # the stack exports its spans (gateway and vLLM) here
 
     @property
     def url(self) -> str:
@@ -73,18 +75,22 @@ class RealStack:
 @pytest.fixture(scope="session")
 def real_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealStack]:
     workdir = tmp_path_factory.mktemp("real-stack")
+    traces = OtlpReceiver()
     up = SluisUp(
         workdir,
         config=REPO / "sluis.yaml",
+        env={"SLUIS_OTLP_ENDPOINT": traces.url},
     )
     try:
         up.wait_ready(timeout=900)
     except BaseException:
         up.stop()
+        traces.stop()
         raise
-    yield RealStack(up)
+    yield RealStack(up, traces)
     # `sluis up` ends on SIGINT with status 0 and leaves no Ray or vLLM process behind.
     code = up.stop()
+    traces.stop()
     time.sleep(2)
     survivors = up.survivors()
     assert code == 0, f"sluis up exited with {code}; log: {up.log}"

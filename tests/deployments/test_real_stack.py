@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import math
 import os
+import secrets
 import signal
 import time
 from collections.abc import Iterator
 
+import httpx
 import openai
 import pytest
 
@@ -119,6 +121,47 @@ def test_unknown_model_is_a_404(real_stack: RealStack, client: openai.OpenAI) ->
     with pytest.raises(openai.NotFoundError) as caught:
         client.completions.create(model="gpt-99", prompt="hi", max_tokens=4)
     assert caught.value.code == "model_not_found"
+
+
+def test_one_trace_runs_from_the_client_through_the_gateway_into_vllm(
+    real_stack: RealStack,
+) -> None:
+    """SLUIS_OTLP_ENDPOINT set: the gateway and vLLM (inside the model replica) both export,
+    and vLLM's span hangs under the gateway's model call, in the client's trace."""
+    trace_id = secrets.token_hex(16)
+    answer = httpx.post(
+        f"{real_stack.url}/v1/chat/completions",
+        headers={
+            "authorization": f"Bearer {real_stack.key}",
+            "traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01",
+        },
+        json={
+            "model": "tiny-chat",
+            "max_tokens": 6,
+            "messages": [{"role": "user", "content": "geheime vraag over de sluis"}],
+        },
+        timeout=60,
+    )
+    assert answer.status_code == 200
+    deadline = time.monotonic() + 30  # both export in batches, every few seconds
+    while True:
+        spans = {span.name: span for span in real_stack.traces.of_trace(trace_id)}
+        if {"POST /v1/chat/completions", "chat tiny-chat", "llm_request"} <= set(spans):
+            break
+        assert time.monotonic() < deadline, f"spans of the trace so far: {sorted(spans)}"
+        time.sleep(0.5)
+    server, call, engine = (
+        spans["POST /v1/chat/completions"],
+        spans["chat tiny-chat"],
+        spans["llm_request"],
+    )
+    assert call.parent_id == server.span_id
+    assert engine.parent_id == call.span_id  # vLLM continued the gateway's context
+    assert (server.service, engine.service) == ("sluis-gateway", "sluis-model-tiny-chat")
+    assert call.attributes["gen_ai.usage.output_tokens"] == 6
+    assert engine.attributes["gen_ai.usage.completion_tokens"] == 6
+    for span in spans.values():
+        assert not any("geheime" in str(value) for value in span.attributes.values())
 
 
 def test_client_leaving_mid_stream_aborts_the_generation_in_vllm(real_stack: RealStack) -> None:

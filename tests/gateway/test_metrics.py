@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from billing.periods import period_of
 from billing.prices import ModelPrice
+from gateway.metrics import Metrics
 from gateway.settings import FileConfig
 from gateway.tokens import count_prompt_tokens
 from gateway.upstreams.base import Endpoint
@@ -24,6 +27,10 @@ def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     }
 
 
+def _period() -> str:
+    return period_of(datetime.now(UTC))
+
+
 def test_requests_tokens_and_latencies_are_exported(gateway_factory: GatewayFactory) -> None:
     port = free_port()
     gateway = gateway_factory(metrics_port=port)
@@ -38,10 +45,15 @@ def test_requests_tokens_and_latencies_are_exported(gateway_factory: GatewayFact
         httpx.post(f"{gateway.url}/v1/chat/completions", json=body, headers=headers)
     records = gateway.records()
     samples = scrape(f"http://127.0.0.1:{port}/metrics")
-    labels = (("model", "fake-chat"), ("status", "2xx"), ("tenant", "acme"))
+    labels = (("model", "fake-chat"), ("period", _period()), ("status", "2xx"), ("tenant", "acme"))
     assert samples[("sluis_requests_total", labels)] == 3
     for kind in ("prompt", "completion"):
-        key_labels = (("kind", kind), ("model", "fake-chat"), ("tenant", "acme"))
+        key_labels = (
+            ("kind", kind),
+            ("model", "fake-chat"),
+            ("period", _period()),
+            ("tenant", "acme"),
+        )
         assert samples[("sluis_tokens_total", key_labels)] == sum(
             r[f"{kind}_tokens"] for r in records
         )
@@ -83,8 +95,13 @@ def test_counters_survive_a_restart_seeded_from_this_gateways_ledger(
     gateway_factory: GatewayFactory,
 ) -> None:
     chat = {"model": "fake-chat", "messages": [{"role": "user", "content": "a b"}], "max_tokens": 3}
-    labels = (("model", "fake-chat"), ("status", "2xx"), ("tenant", "acme"))
-    completion = (("kind", "completion"), ("model", "fake-chat"), ("tenant", "acme"))
+    labels = (("model", "fake-chat"), ("period", _period()), ("status", "2xx"), ("tenant", "acme"))
+    completion = (
+        ("kind", "completion"),
+        ("model", "fake-chat"),
+        ("period", _period()),
+        ("tenant", "acme"),
+    )
 
     priced = FileConfig(
         prices={"fake-chat": ModelPrice(prompt_eur_per_million=1.5, completion_eur_per_million=4.5)}
@@ -105,7 +122,7 @@ def test_counters_survive_a_restart_seeded_from_this_gateways_ledger(
     assert samples[("sluis_requests_total", labels)] == 2  # no reset to 0
     assert samples[("sluis_tokens_total", completion)] == 6
     # 2 requests x (2 prompt x 1.5 + 3 completion x 4.5) micro-euros, as the ledger charged.
-    cost = (("model", "fake-chat"), ("tenant", "acme"))
+    cost = (("model", "fake-chat"), ("period", _period()), ("tenant", "acme"))
     assert (
         samples[("sluis_cost_micro_eur_total", cost)]
         == 2 * 17
@@ -177,3 +194,28 @@ def test_budget_use_is_exported_per_tenant(gateway_factory: GatewayFactory) -> N
     assert ratio == reserved / 1000
     budgets = [labels for name, labels in samples if name == "sluis_budget_used_ratio"]
     assert len(budgets) == 1  # tenants without a budget, and rate limits, have no series
+
+
+def test_billing_series_of_a_period_are_kept_through_the_next_then_dropped() -> None:
+    metrics = Metrics()
+
+    def periods() -> set[str]:
+        return {
+            sample.labels["period"]
+            for family in metrics.registry.collect()
+            for sample in family.samples
+            if "period" in sample.labels
+        }
+
+    for period in ("2026-10", "2026-11"):
+        metrics.count(
+            "acme", "m", 200, period=period, requests=1, prompt=2, completion=3, cost_micro_eur=4
+        )
+    assert periods() == {"2026-10", "2026-11"}
+    metrics.count(
+        "acme", "m", 200, period="2026-12", requests=1, prompt=1, completion=1, cost_micro_eur=1
+    )
+    assert periods() == {"2026-11", "2026-12"}  # November's final values stay for December
+    value = metrics.registry.get_sample_value
+    labels = {"tenant": "acme", "model": "m", "kind": "completion", "period": "2026-11"}
+    assert value("sluis_tokens_total", labels) == 3

@@ -57,6 +57,13 @@ def test_one_request_one_span_tree(
         assert model.attributes["gen_ai.usage.input_tokens"] == 6
         assert model.attributes["gen_ai.usage.output_tokens"] == 3
         assert model.attributes["sluis.stream"] is stream
+        if stream:  # the streaming phase, under the model call
+            relaying = spans["sluis.stream"]
+            assert relaying.parent.span_id == model.context.span_id
+            assert relaying.attributes["sluis.outcome"] == "ok"
+            assert relaying.attributes["gen_ai.usage.output_tokens"] == 3
+        else:
+            assert "sluis.stream" not in spans
         # The model server got the trace, with the model call as its parent.
         traceparent = fake_engine_server.app.state.traceparents[-1]  # type: ignore[attr-defined]
         _, trace_id, parent_id, _ = traceparent.split("-")
