@@ -8,16 +8,17 @@ import asyncio
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import yaml
-from pydantic import ValidationError
 
 from loadtests.capacity import Demand, Sweep, plan
 
 EXIT_BAD_INPUT = 2
+T = TypeVar("T")
 
 
 def add_command(commands: Any) -> None:
@@ -49,35 +50,47 @@ def add_command(commands: Any) -> None:
     capacity.set_defaults(run=run)
 
 
+class CapacityError(Exception):
+    def __init__(self, message: str, *, exit_code: int = EXIT_BAD_INPUT) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 def run(args: argparse.Namespace) -> int:
     try:
-        demand = Demand.model_validate(yaml.safe_load(args.demand.read_text()))
-        rates = [float(rate) for rate in args.rates.split(",") if rate.strip()]
-        if not rates or min(rates) <= 0:
-            raise ValueError("--rates: positive numbers, e.g. 1,2,4")
-    except (OSError, yaml.YAMLError, ValidationError, ValueError) as exc:
+        return _run(args)
+    except CapacityError as exc:
         print(f"sluis capacity: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    args.out.mkdir(parents=True, exist_ok=True)
+        return exc.exit_code
+
+
+def _run(args: argparse.Namespace) -> int:
+    demand = _read(args.demand, lambda text: Demand.model_validate(yaml.safe_load(text)))
+    rates = _rates(args.rates)
+    given = _given_replicas(args.replicas)
     if args.sweep:
-        sweeps = {s.model: s for s in map(Sweep.model_validate, json.loads(args.sweep.read_text()))}
+        swept = _read(
+            args.sweep, lambda text: [Sweep.model_validate(item) for item in json.loads(text)]
+        )
+        sweeps = {sweep.model: sweep for sweep in swept}
     else:
         key = args.key or os.environ.get("SLUIS_API_KEY")
         if not key:
-            print("sluis capacity: --key (or SLUIS_API_KEY) is needed to sweep", file=sys.stderr)
-            return EXIT_BAD_INPUT
+            raise CapacityError("--key (or SLUIS_API_KEY) is needed to sweep")
         url = (args.url or os.environ.get("SLUIS_URL", "http://127.0.0.1:8000")).rstrip("/")
-        sweeps = _sweep_all(args, demand, url, key, rates)
-        (args.out / "sweep.json").write_text(
-            json.dumps([s.model_dump() for s in sweeps.values()], indent=2) + "\n"
-        )
+        _check_target(url, key, demand.model_ids())
+        sweeps = _sweep_all(args, demand, url, key, rates, given)
     try:
         plans = plan(sweeps, demand)
     except ValueError as exc:
-        print(f"sluis capacity: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        raise CapacityError(str(exc)) from exc
     from loadtests import capacity_report
 
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not args.sweep:
+        (args.out / "sweep.json").write_text(
+            json.dumps([s.model_dump() for s in sweeps.values()], indent=2) + "\n"
+        )
     print(capacity_report.table(plans))
     capacity_report.chart(sweeps, plans, args.out / "capacity.png")
     (args.out / "plan.json").write_text(
@@ -87,16 +100,67 @@ def run(args: argparse.Namespace) -> int:
     return 0 if all(p.feasible for p in plans) else 1
 
 
+def _read(path: Path, parse: Callable[[str], T]) -> T:
+    try:
+        return parse(path.read_text())
+    except (OSError, ValueError, yaml.YAMLError) as exc:  # ValidationError is a ValueError
+        raise CapacityError(f"{path}: {exc}") from exc
+
+
+def _rates(text: str) -> list[float]:
+    try:
+        rates = [float(rate) for rate in text.split(",") if rate.strip()]
+    except ValueError:
+        rates = []
+    if not rates or min(rates) <= 0:
+        raise CapacityError(f"--rates takes positive numbers, e.g. 1,2,4; not {text!r}")
+    return rates
+
+
+def _given_replicas(items: list[str]) -> dict[str, int]:
+    given = {}
+    for item in items:
+        model, _, count = item.partition("=")
+        if not count.isdigit() or int(count) < 1:
+            raise CapacityError(f"--replicas takes MODEL=N (N >= 1), not {item!r}")
+        given[model] = int(count)
+    return given
+
+
+def _check_target(url: str, key: str, models: list[str]) -> None:
+    """Before loading anything: the gateway answers, takes the key and serves every model."""
+    try:
+        answer = httpx.get(
+            f"{url}/v1/models", headers={"authorization": f"Bearer {key}"}, timeout=10
+        )
+    except httpx.HTTPError as exc:
+        raise CapacityError(f"cannot reach the gateway at {url}: {exc}", exit_code=3) from exc
+    if answer.status_code in (401, 403):
+        raise CapacityError(f"the gateway at {url} refused the key ({answer.status_code})")
+    if answer.status_code != 200:
+        raise CapacityError(f"{url}/v1/models answered {answer.status_code}", exit_code=3)
+    served = {model["id"] for model in answer.json().get("data", [])}
+    missing = [model for model in models if model not in served]
+    if missing:
+        raise CapacityError(
+            f"not served to this key: {', '.join(missing)} (served: {', '.join(sorted(served))})"
+        )
+
+
 def _sweep_all(
-    args: argparse.Namespace, demand: Demand, url: str, key: str, rates: list[float]
+    args: argparse.Namespace,
+    demand: Demand,
+    url: str,
+    key: str,
+    rates: list[float],
+    given: dict[str, int],
 ) -> dict[str, Sweep]:
     from loadtests.sweep import SweepSpec, run_sweep
 
-    given = dict(item.split("=", 1) for item in args.replicas)
     prometheus = args.prometheus or os.environ.get("SLUIS_PROMETHEUS_URL", "http://127.0.0.1:9090")
     sweeps = {}
     for model in demand.model_ids():
-        replicas = int(given[model]) if model in given else _replicas(prometheus, model)
+        replicas = given[model] if model in given else _replicas(prometheus, model)
         print(f"sweeping {model} ({replicas} replica(s)), {args.step_seconds:g} s per step")
         spec = SweepSpec(
             url=url,

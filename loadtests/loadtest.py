@@ -126,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
             run_time=args.run_time,
             run_id=run_id,
         )
+    if not (args.out / "requests.jsonl").exists():
+        log = (args.out / "locust.log").read_text()[-3000:]
+        print(f"loadtest: Locust wrote no records (exit {code}); its log ends:\n{log}")
+        return code or 1
     print(report(args.out))
     print(f"\nwritten to {args.out}/: locust_stats.csv, locust_stats_history.csv, locust.html,")
     print(

@@ -11,6 +11,7 @@ import yaml
 
 from gateway.cli import main
 from loadtests.capacity import Demand, Step, Sweep, Targets, plan
+from tests.conftest import RunningGateway
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -146,3 +147,73 @@ def test_a_bad_demand_profile_is_refused_naming_the_field(
     assert code == 2
     assert message in capsys.readouterr().err
     assert not out.exists()  # nothing written
+
+
+FAKE_DEMAND: dict[str, Any] = {
+    "targets": {"ttft_p95_s": 5, "tpot_p95_s": 1},
+    "tenants": [{"tenant": "a", "model": "fake-chat", "requests_per_s": 3, "completion_tokens": 8}],
+}
+
+
+def _capacity(tmp_path: Path, *args: str, demand: dict[str, Any] | None = None) -> int:
+    demand_file = tmp_path / "demand.yaml"
+    demand_file.write_text(yaml.safe_dump(demand or FAKE_DEMAND))
+    out = tmp_path / "out"
+    return main(["capacity", "--demand", str(demand_file), "--out", str(out), *args])
+
+
+def test_a_sweep_through_a_gateway_in_front_of_the_fake_engine(
+    gateway: RunningGateway, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key = gateway.create_tenant("planner")
+    args = ("--url", gateway.url, "--key", key, "--rates", "2,4", "--step-seconds", "1")
+    assert _capacity(tmp_path, *args, "--replicas", "fake-chat=2") == 0
+    [sweep] = [
+        Sweep.model_validate(s) for s in json.loads((tmp_path / "out/sweep.json").read_text())
+    ]
+    assert (sweep.model, sweep.replicas, [s.offered_rps for s in sweep.steps]) == (
+        "fake-chat",
+        2,
+        [2, 4],
+    )
+    assert all(s.errors == 0 and s.requests > 0 and s.tpot_p95_s is not None for s in sweep.steps)
+    assert "fake-chat" in capsys.readouterr().out
+    records = gateway.records()
+    assert len(records) == sum(s.requests for s in sweep.steps)  # every request was metered
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["--url", "http://127.0.0.1:9", "--key", "k"], 3, "cannot reach the gateway"),
+        (["--key", "sk-sluis-aaaaaaaaaaaa-" + "b" * 40], 2, "refused the key"),
+        (["--rates", "1,fast"], 2, "--rates"),
+        (["--rates", "0"], 2, "--rates"),
+        (["--replicas", "fake-chat"], 2, "--replicas"),
+        (["--sweep", "missing.json"], 2, "missing.json"),
+    ],
+)
+def test_bad_input_to_sluis_capacity_fails_clearly_and_writes_nothing(
+    gateway: RunningGateway,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    args: list[str],
+    code: int,
+    message: str,
+) -> None:
+    monkeypatch.setenv("SLUIS_URL", gateway.url)
+    monkeypatch.chdir(tmp_path)
+    assert _capacity(tmp_path, *args) == code
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_model_the_key_may_not_use_is_refused_before_any_load(
+    gateway: RunningGateway, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key = gateway.create_tenant("narrow", models=["fake-chat"])
+    demand = {**FAKE_DEMAND, "tenants": [{**FAKE_DEMAND["tenants"][0], "model": "fake-embed"}]}
+    assert _capacity(tmp_path, "--url", gateway.url, "--key", key, demand=demand) == 2
+    assert "not served to this key: fake-embed" in capsys.readouterr().err
+    assert gateway.records() == []
