@@ -78,6 +78,7 @@ class TenantUser(HttpUser):
     abstract = True
     tenant_role: ClassVar[str] = ""
     quotas: ClassVar[dict[str, Any]] = {}
+    expected_statuses: ClassVar[frozenset[int]] = frozenset({200})
 
     @property
     def load_run(self) -> Run:
@@ -107,19 +108,23 @@ class TenantUser(HttpUser):
                 status=response.status_code,
                 request_id=response.headers.get("x-request-id", ""),
             )
-            if response.status_code == 200 and body.get("stream"):
-                timing = self._read_stream(response, started, record)
-                response.request_meta["response_time"] = (time.perf_counter() - started) * 1000
-                if timing is not None:
-                    self.load_run.timings.append(timing)
-            elif response.status_code == 200:
-                usage = response.json().get("usage") or {}
-                record.prompt_tokens = int(usage.get("prompt_tokens") or 0)
-                record.completion_tokens = int(usage.get("completion_tokens") or 0)
+            try:
+                if response.status_code == 200 and body.get("stream"):
+                    timing = self._read_stream(response, started, record)
+                    elapsed_ms = (time.perf_counter() - started) * 1000
+                    response.request_meta["response_time"] = elapsed_ms
+                    if timing is not None:
+                        self.load_run.timings.append(timing)
+                elif response.status_code == 200:
+                    usage = response.json().get("usage") or {}
+                    record.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+                    record.completion_tokens = int(usage.get("completion_tokens") or 0)
+            except (requests.RequestException, ValueError) as exc:  # cut off, or not JSON
+                self.load_run.records.append(record)
+                response.failure(f"answer broke off: {exc!r}")
+                return
             self.load_run.records.append(record)
             _judge(response, expected=self.expected_statuses)
-
-    expected_statuses: ClassVar[frozenset[int]] = frozenset({200})
 
     def _read_stream(
         self, response: ResponseContextManager, started: float, record: RequestRecord
