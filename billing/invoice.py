@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from billing.periods import next_month_start
 from billing.prometheus import BillingError, PrometheusReader
 
 # Looking back this far before the period's start too, for a clock that ran a little behind.
@@ -40,7 +41,7 @@ class Period:
             )
         year, month = int(match.group(1)), int(match.group(2))
         start = datetime(year, month, 1, tzinfo=UTC)
-        end = datetime(year + month // 12, month % 12 + 1, 1, tzinfo=UTC)
+        end = next_month_start(start)
         if start > now:
             raise BillingError(f"the period {text} has not begun yet", exit_code=2)
         return cls(text, start, end)

@@ -17,3 +17,8 @@ def month_start(at: datetime) -> datetime:
 def previous_month_start(at: datetime) -> datetime:
     start = month_start(at)
     return datetime(start.year - (start.month == 1), (start.month - 2) % 12 + 1, 1, tzinfo=UTC)
+
+
+def next_month_start(at: datetime) -> datetime:
+    start = month_start(at)
+    return datetime(start.year + start.month // 12, start.month % 12 + 1, 1, tzinfo=UTC)

@@ -9,12 +9,14 @@ import json
 import os
 import sys
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
 import yaml
 
+from billing.prometheus import BillingError, PrometheusReader
 from loadtests.capacity import Demand, Sweep, plan
 
 EXIT_BAD_INPUT = 2
@@ -177,10 +179,12 @@ def _sweep_all(
 
 def _replicas(prometheus: str, model: str) -> int:
     """Healthy Ray Serve replicas of the model, as Prometheus last saw them; 1 if unknown."""
+    reader = PrometheusReader(prometheus, timeout_s=5)
     query = f'sum(ray_serve_deployment_replica_healthy{{deployment="model-{model}"}})'
     try:
-        response = httpx.get(f"{prometheus}/api/v1/query", params={"query": query}, timeout=5)
-        result = response.json()["data"]["result"]
-        return max(1, round(float(result[0]["value"][1]))) if result else 1
-    except (httpx.HTTPError, ValueError, KeyError):
+        found = reader.vector(query, datetime.now(UTC))
+    except BillingError:  # Prometheus unreachable or refusing: assume one
         return 1
+    finally:
+        reader.close()
+    return max(1, round(next(iter(found.values()), 1)))

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import csv
 import json
-import statistics
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from loadtests.httpload import Sample
 
 REQUESTS_FILE = "requests.jsonl"
 LATENCY_FILE = "stream_latency.csv"
@@ -51,14 +52,6 @@ class TenantLatency:
     tpot_p95_s: float | None
 
 
-def percentile(values: list[float], q: float) -> float:
-    """The q-th percentile (0..1) by linear interpolation; needs at least one value."""
-    ordered = sorted(values)
-    if len(ordered) == 1:
-        return ordered[0]
-    return statistics.quantiles(ordered, n=100, method="inclusive")[round(q * 100) - 1]
-
-
 def latency_by_tenant(timings: list[StreamTiming]) -> list[TenantLatency]:
     grouped: dict[str, list[StreamTiming]] = defaultdict(list)
     for timing in timings:
@@ -71,10 +64,10 @@ def latency_by_tenant(timings: list[StreamTiming]) -> list[TenantLatency]:
             TenantLatency(
                 tenant,
                 len(group),
-                percentile(ttft, 0.5),
-                percentile(ttft, 0.95),
-                percentile(tpot, 0.5) if tpot else None,
-                percentile(tpot, 0.95) if tpot else None,
+                Sample(latencies=ttft).percentile(50),
+                Sample(latencies=ttft).percentile(95),
+                Sample(latencies=tpot).percentile(50) if tpot else None,
+                Sample(latencies=tpot).percentile(95) if tpot else None,
             )
         )
     return summary

@@ -18,7 +18,7 @@ from typing import Any
 import aiohttp
 
 from loadtests.capacity import Step, Sweep
-from loadtests.load_records import percentile
+from loadtests.httpload import Sample
 
 PROMPT = "Write a short note to the residents about the new opening hours of the lock."
 
@@ -121,8 +121,8 @@ def _measure(rate: float, answers: list[_Answer], elapsed_s: float, step_s: floa
         sent_rps=len(answers) / step_s,
         achieved_rps=len(good) / elapsed_s,
         output_tokens_per_s=sum(a.completion_tokens for a in good) / elapsed_s,
-        ttft_p95_s=percentile(ttfts, 0.95) if ttfts else None,
-        tpot_p95_s=percentile(tpots, 0.95) if tpots else None,
+        ttft_p95_s=Sample(latencies=ttfts).percentile(95) if ttfts else None,
+        tpot_p95_s=Sample(latencies=tpots).percentile(95) if tpots else None,
         requests=len(answers),
         errors=len(answers) - len(good),
     )

@@ -24,14 +24,7 @@ from gateway.metrics import Metrics
 from gateway.tenancy.records import Tenant
 from gateway.tokens import count_prompt_tokens
 from quotas.checks import Check, CheckState, Decision, Kind
-from quotas.plan import (
-    Usage,
-    actual_costs,
-    is_tenant_wide,
-    plan_checks,
-    scoped_checks,
-    with_costs,
-)
+from quotas.plan import Usage, actual_costs, plan_checks, scoped_checks, with_costs
 from quotas.policy import QuotaPolicy, effective_policy
 from quotas.store import QuotaStore, StoreFailure
 
@@ -39,8 +32,6 @@ log = logging.getLogger("sluis.quotas")
 
 FailMode = Literal["open", "closed"]
 _SETTLE_RETRIES_S = (0.5, 1, 2, 5, 10, 30, 60)
-# Budget checks' key infixes (see quotas.plan), as named in the policy and on the metric.
-_BUDGET_NAMES = {"tpd": "tokens_per_day", "tpmo": "tokens_per_month", "eur": "eur_per_month"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,10 +232,9 @@ class QuotaAdmission:
     ) -> None:
         """The tenant-wide budgets' use on the metrics listener (dashboards, alerts)."""
         for check, state in zip(checks, states, strict=True):
-            budget = _BUDGET_NAMES.get(check.key.rsplit(":", 2)[-2])
-            if budget is not None and is_tenant_wide(check, tenant.id) and check.limit > 0:
+            if check.kind is Kind.BUDGET and check.model is None and check.limit > 0:
                 used = (state.used + state.reserved) / check.limit
-                self._metrics.budget_used_ratio.labels(tenant.name, budget).set(used)
+                self._metrics.budget_used_ratio.labels(tenant.name, check.limit_name).set(used)
 
     def _refusal(self, checks: list[Check], decision: Decision, tenant: str) -> RateLimited:
         assert decision.failed is not None

@@ -36,6 +36,10 @@ class Check:
     span_s: float
     # BUDGET: when the period ends (epoch seconds): the counter's reset, and its expiry.
     period_end: float = 0.0
+    # What it enforces: the policy's field (e.g. "tokens_per_day"), for the whole tenant
+    # (model None) or for one of its models.
+    limit_name: str = ""
+    model: str | None = None
 
     @property
     def bucket_s(self) -> float:

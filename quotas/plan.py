@@ -28,7 +28,17 @@ def with_costs(
     """The templates (checks of a policy, costs left at zero) costed for one request."""
     money = prices.micro_eur(model_id, usage.prompt_tokens, usage.completion_tokens, at)
     return [
-        Check(t.key, t.kind, t.code, t.limit, _cost(t.code, usage, money), t.span_s, t.period_end)
+        Check(
+            t.key,
+            t.kind,
+            t.code,
+            t.limit,
+            _cost(t.code, usage, money),
+            t.span_s,
+            t.period_end,
+            t.limit_name,
+            t.model,
+        )
         for t in templates
     ]
 
@@ -41,17 +51,14 @@ def _cost(code: str, usage: Usage, money: int) -> int:
     return usage.tokens
 
 
-_KEY_PREFIX = "sluis:q:"
-
-
 def plan_checks(
     policy: QuotaPolicy, *, tenant_id: str, model_id: str, now: datetime, lease_s: float
 ) -> list[Check]:
     """The checks a request for `model_id` runs, costs still zero (`with_costs` fills them)."""
-    checks = _checks_for(policy, _tenant_wide(tenant_id), now, lease_s)
+    checks = _checks_for(policy, tenant_id, None, now, lease_s)
     model_limits = policy.for_model(model_id)
     if model_limits is not None:
-        checks += _checks_for(model_limits, f"{{{tenant_id}}}:m:{model_id}", now, lease_s)
+        checks += _checks_for(model_limits, tenant_id, model_id, now, lease_s)
     return checks
 
 
@@ -59,20 +66,10 @@ def scoped_checks(
     policy: QuotaPolicy, *, tenant_id: str, now: datetime, lease_s: float
 ) -> list[tuple[str, Check]]:
     """Every check of a policy with a zero cost, per scope ("all" or a model id): for reports."""
-    scoped = [("all", c) for c in _checks_for(policy, _tenant_wide(tenant_id), now, lease_s)]
+    scoped = [("all", c) for c in _checks_for(policy, tenant_id, None, now, lease_s)]
     for model_id, limits in policy.models.items():
-        scope = f"{{{tenant_id}}}:m:{model_id}"
-        scoped += [(model_id, c) for c in _checks_for(limits, scope, now, lease_s)]
+        scoped += [(model_id, c) for c in _checks_for(limits, tenant_id, model_id, now, lease_s)]
     return scoped
-
-
-def _tenant_wide(tenant_id: str) -> str:
-    return f"{{{tenant_id}}}:all"
-
-
-def is_tenant_wide(check: Check, tenant_id: str) -> bool:
-    """Whether a check limits the whole tenant (not one of its models)."""
-    return check.key.startswith(f"{_KEY_PREFIX}{_tenant_wide(tenant_id)}:")
 
 
 def actual_costs(
@@ -83,43 +80,33 @@ def actual_costs(
     return [_cost(check.code, used, money) for check in checks]
 
 
-def _checks_for(limits: Limits, scope: str, now: datetime, lease_s: float) -> list[Check]:
-    key = f"{_KEY_PREFIX}{scope}"
+def _checks_for(
+    limits: Limits, tenant_id: str, model_id: str | None, now: datetime, lease_s: float
+) -> list[Check]:
+    """The checks of the whole tenant (`model_id` None) or of one of its models."""
+    scope = "all" if model_id is None else f"m:{model_id}"
+    key = f"sluis:q:{{{tenant_id}}}:{scope}"
     day, month = now.date(), now.date().replace(day=1)
     month_end = _epoch(_next_month(month))
-    # (key suffix, kind, code, limit, lifetime, period end) for every limit that is set.
-    specs: list[tuple[str, Kind, str, int | None, float, float]] = [
-        ("rpm", Kind.WINDOW, "rate_limit_requests", limits.requests_per_minute, MINUTE_S, 0.0),
-        ("tpm", Kind.WINDOW, "rate_limit_tokens", limits.tokens_per_minute, MINUTE_S, 0.0),
-        ("conc", Kind.CONCURRENCY, "concurrency", limits.max_concurrent, lease_s, 0.0),
-        (
-            f"tpd:{day.isoformat()}",
-            Kind.BUDGET,
-            "budget_tokens",
-            limits.tokens_per_day,
-            lease_s,
-            _epoch(day + timedelta(days=1)),
-        ),
-        (
-            f"tpmo:{month.isoformat()[:7]}",
-            Kind.BUDGET,
-            "budget_tokens",
-            limits.tokens_per_month,
-            lease_s,
-            month_end,
-        ),
-        (
-            f"eur:{month.isoformat()[:7]}",
-            Kind.BUDGET,
-            "budget_money",
-            None if limits.eur_per_month is None else round(limits.eur_per_month * MICRO),
-            lease_s,
-            month_end,
-        ),
-    ]
+    eur = None if limits.eur_per_month is None else round(limits.eur_per_month * MICRO)
+    # (policy field, key suffix, kind, code, limit, lifetime, period end) for every limit set.
+    specs: list[tuple[str, str, Kind, str, int | None, float, float]] = [
+        ("requests_per_minute", "rpm", Kind.WINDOW, "rate_limit_requests",
+         limits.requests_per_minute, MINUTE_S, 0.0),
+        ("tokens_per_minute", "tpm", Kind.WINDOW, "rate_limit_tokens",
+         limits.tokens_per_minute, MINUTE_S, 0.0),
+        ("max_concurrent", "conc", Kind.CONCURRENCY, "concurrency",
+         limits.max_concurrent, lease_s, 0.0),
+        ("tokens_per_day", f"tpd:{day.isoformat()}", Kind.BUDGET, "budget_tokens",
+         limits.tokens_per_day, lease_s, _epoch(day + timedelta(days=1))),
+        ("tokens_per_month", f"tpmo:{month.isoformat()[:7]}", Kind.BUDGET, "budget_tokens",
+         limits.tokens_per_month, lease_s, month_end),
+        ("eur_per_month", f"eur:{month.isoformat()[:7]}", Kind.BUDGET, "budget_money",
+         eur, lease_s, month_end),
+    ]  # fmt: skip
     return [
-        Check(f"{key}:{suffix}", kind, code, limit, 0, span, period_end)
-        for suffix, kind, code, limit, span, period_end in specs
+        Check(f"{key}:{suffix}", kind, code, limit, 0, span, period_end, name, model_id)
+        for name, suffix, kind, code, limit, span, period_end in specs
         if limit is not None
     ]
 
