@@ -84,7 +84,7 @@ def create_app(
         joined = False
         prices = PriceBook(settings.file.prices)
         quotas = QuotaAdmission(
-            build_store(settings),
+            build_store(settings, clock),
             defaults=settings.file.quotas,
             prices=prices,
             clock=clock,

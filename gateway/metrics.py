@@ -108,6 +108,13 @@ class Metrics:
             ["tenant", "limit"],
             registry=r,
         )
+        self.quota_admissions = Counter(
+            "sluis_quota_admissions",
+            "Requests admitted under quotas, by where the decision was made: the quota store, or "
+            "this gateway's allowance (a share of the limits taken from the store in advance).",
+            ["source"],
+            registry=r,
+        )
         self.quota_store_failures = Counter(
             "sluis_quota_store_failures",
             "Quota store calls that failed or timed out, by the mode applied (open admits).",

@@ -188,6 +188,9 @@ class Settings(BaseSettings):
     quota_timeout_s: float = Field(default=0.25, gt=0)
     # How long a reservation or concurrency lease lives if its gateway never settles it.
     quota_lease_s: float = Field(default=900.0, gt=0)
+    # With Redis: admit most requests from allowances, shares of the limits taken from Redis a
+    # bucket (1 s) at a time (`quotas/allowances.py`); off, every admission is a Redis call.
+    quota_allowances: bool = True
     shutdown_drain_s: float = Field(default=30.0, ge=0)
     # Ray nodes the gateway replica may run on (e.g. the head node a load balancer points at),
     # as JSON: SLUIS_GATEWAY_NODE_LABELS='{"sluis.eu/role": "gateway"}'.

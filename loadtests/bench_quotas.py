@@ -1,6 +1,7 @@
 """`make bench-quotas`: what exact quotas on Redis cost, in one run.
 
-One `sluis gateway` (core 1) with `SLUIS_REDIS_URL` set; Redis, the fake upstream and this load
+One `sluis gateway` (core 1) with `SLUIS_REDIS_URL` set, with allowances (quotas/allowances.py)
+and without; Redis, the fake upstream and this load
 generator on core 0. Two tenants on that same gateway: one without quotas (no store call) and one
 with every limit set, none of them reached (six checks in one Lua call per admission and one per
 reconciliation). Their latency at concurrency 1 is measured in alternating rounds, so drift hits
@@ -108,8 +109,14 @@ def main() -> int:
     redis, redis_url = start_redis(workdir)
     upstream, upstream_url = start_upstream(workdir)
     try:
-        # Redis (any number of gateways), then the in-process store (one gateway) for contrast.
-        for name, env in (("redis", {"SLUIS_REDIS_URL": redis_url}), ("memory", {})):
+        # Redis (any number of gateways) with allowances (the default) and without (every
+        # admission a Redis call), then the in-process store (one gateway) for contrast.
+        configurations: tuple[tuple[str, dict[str, str]], ...] = (
+            ("redis", {"SLUIS_REDIS_URL": redis_url}),
+            ("redis-exact", {"SLUIS_REDIS_URL": redis_url, "SLUIS_QUOTA_ALLOWANCES": "false"}),
+            ("memory", {}),
+        )
+        for name, env in configurations:
             home = workdir / name
             home.mkdir()
             sluis, url = start_sluis_process(home, upstream_url, env)
@@ -120,7 +127,10 @@ def main() -> int:
     finally:
         upstream.stop()
         redis.stop()
-    report("quota store: Redis (the multi-gateway store)", results["redis"])
+    report("quota store: Redis, allowances on (the multi-gateway default)", results["redis"])
+    report(
+        "quota store: Redis, allowances off (a Redis call per admission)", results["redis-exact"]
+    )
     report("quota store: memory (the single-gateway default)", results["memory"])
     return 0
 

@@ -113,6 +113,7 @@ class QuotaAdmission:
             return Admitted()
         if not decision.allowed:
             raise self._refusal(checks, decision, tenant.name)
+        self._metrics.quota_admissions.labels("allowance" if decision.local else "store").inc()
         self._show_budgets(tenant, checks, decision.states)
         return Admitted(
             headers=rate_limit_headers(checks, decision.states),
@@ -157,21 +158,6 @@ class QuotaAdmission:
             reservation.model_id,
             self._clock.now(),  # charged as metered, like the ledger
         )
-        # A window whose reservation was exact (always so for requests) has nothing to settle.
-        pairs = [
-            (check, spent)
-            for check, spent in zip(reservation.checks, actual, strict=True)
-            if check.kind is not Kind.WINDOW or spent != check.cost
-        ]
-        if not pairs:
-            return
-        reservation = Reservation(
-            [c for c, _ in pairs],
-            reservation.request_id,
-            reservation.model_id,
-            reservation.admitted_at,
-        )
-        actual = [spent for _, spent in pairs]
         # Reconciled after the answer has gone out: the client does not wait for the store.
         task = asyncio.create_task(self._settle_with_retries(reservation, actual))
         self._pending.add(task)

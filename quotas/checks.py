@@ -66,6 +66,8 @@ class Decision:
     retry_after_s: float = 0.0
     # The check could never pass, whatever the wait (its cost alone is over the limit).
     never: bool = False
+    # Admitted from this gateway's allowance, without a store call (`quotas/allowances.py`).
+    local: bool = False
 
 
 def window_retry_after(buckets: dict[int, int], check: Check, used: int, now: float) -> float:

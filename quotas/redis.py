@@ -53,12 +53,17 @@ class RedisStore:
         admitted_at: float,
         now: float,
     ) -> None:
-        args: list[Any] = [now, request_id, admitted_at]
-        args += [
-            f"{c.kind.value} {c.span_s!r} {c.cost} {spent}"
-            for c, spent in zip(checks, actual, strict=True)
+        # A window whose reservation was exact (always so for requests) has nothing to settle.
+        pairs = [
+            (check, spent)
+            for check, spent in zip(checks, actual, strict=True)
+            if check.kind is not Kind.WINDOW or spent != check.cost
         ]
-        await self._run("settle", _keys(checks), args)
+        if not pairs:
+            return
+        args: list[Any] = [now, request_id, admitted_at]
+        args += [f"{c.kind.value} {c.span_s!r} {c.cost} {spent}" for c, spent in pairs]
+        await self._run("settle", _keys([check for check, _ in pairs]), args)
 
     async def state(self, checks: Sequence[Check], now: float) -> list[CheckState]:
         raw = await self._run("admit", _keys(checks), [now, "-", "state", *_check_args(checks)])

@@ -9,6 +9,9 @@ local rid = ARGV[2]
 local mode = ARGV[3]
 local BUCKETS = 60
 
+-- Whole numbers as plain digits: HINCRBY refuses "-0" (a settled 0), and exponents.
+local function int(x) return string.format('%.0f', x + 0) end  -- + 0: never "-0"
+
 local specs = {}
 local next_key = 1
 for i = 4, #ARGV do
@@ -56,7 +59,7 @@ local function budget(key, rkey, period_end)
   local expired = redis.call('ZRANGEBYSCORE', rkey, '-inf', now)
   for _, request in ipairs(expired) do
     local cost = tonumber(redis.call('HGET', key, 'c:' .. request) or '0')
-    redis.call('HINCRBY', key, 'reserved', -cost)
+    redis.call('HINCRBY', key, 'reserved', int(-cost))
     redis.call('HDEL', key, 'c:' .. request)
   end
   if #expired > 0 then redis.call('ZREMRANGEBYSCORE', rkey, '-inf', now) end
@@ -101,12 +104,12 @@ for i = 1, n do
   if mode == 'admit' then
     if kind == 'window' then
       local width = span / BUCKETS
-      redis.call('HINCRBY', key, math.floor(now / width), cost)
+      redis.call('HINCRBY', key, math.floor(now / width), int(cost))
       redis.call('PEXPIRE', key, math.ceil((span + 2 * width) * 1000))
       used = used + cost
     elseif kind == 'budget' then
-      redis.call('HINCRBY', key, 'reserved', cost)
-      redis.call('HSET', key, 'c:' .. rid, cost)
+      redis.call('HINCRBY', key, 'reserved', int(cost))
+      redis.call('HSET', key, 'c:' .. rid, int(cost))
       redis.call('ZADD', rkey, now + span, rid)
       -- Kept for a month after the period ends, for inspection.
       local expire_at = math.ceil((period_end + 2678400) * 1000)
@@ -114,7 +117,9 @@ for i = 1, n do
       redis.call('PEXPIREAT', rkey, expire_at)
       reserved = reserved + cost
     else
+      -- One member per slot: the request id, then id#2, id#3, ... (an allowance holds several).
       redis.call('ZADD', key, now + span, rid)
+      for slot = 2, cost do redis.call('ZADD', key, now + span, rid .. '#' .. slot) end
       redis.call('PEXPIRE', key, math.ceil(span * 1000))
       used = used + cost
     end

@@ -15,7 +15,9 @@ from typing import Any
 import aiohttp
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+from loadtests.processes import free_port
 from tests.conftest import ADMIN_TOKEN
 from tests.processes import GatewayProcess, RedisServer
 from tests.servers import ServerThread
@@ -32,6 +34,18 @@ models:
 class Cluster:
     gateways: list[GatewayProcess]
     redis: RedisServer
+    metrics_ports: list[int]
+
+    def admitted_from_allowances(self) -> float:
+        """Admissions the gateways decided from their allowances, without a Redis call."""
+        total = 0.0
+        for port in self.metrics_ports:
+            text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+            for family in text_string_to_metric_families(text):
+                for sample in family.samples:
+                    if sample.name == "sluis_quota_admissions_total":
+                        total += sample.value if sample.labels["source"] == "allowance" else 0
+        return total
 
     def admin(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         return httpx.request(
@@ -62,6 +76,7 @@ def cluster(
     redis = RedisServer(workdir)
     redis.start()
     gateways = []
+    metrics_ports = [free_port() for _ in range(4)]
     for index in range(4):
         env = {
             "SLUIS_DATABASE_URL": postgres_url,
@@ -69,13 +84,13 @@ def cluster(
             "SLUIS_ADMIN_TOKEN": ADMIN_TOKEN,
             "SLUIS_STATE_DIR": str(workdir / f"s{index}"),
             "SLUIS_QUOTA_TIMEOUT_S": "0.5",
-            "SLUIS_METRICS_PORT": "0",
+            "SLUIS_METRICS_PORT": str(metrics_ports[index]),
         }
         gateways.append(GatewayProcess(workdir, env, fake_engine_server.url))
     try:
         for gateway in gateways:
             gateway.wait_ready()
-        yield Cluster(gateways, redis)
+        yield Cluster(gateways, redis, metrics_ports)
     finally:
         codes = [gateway.stop() for gateway in gateways]
         redis.kill()
@@ -123,16 +138,58 @@ def test_four_gateways_admit_exactly_the_request_limit(cluster: Cluster) -> None
     name, key = cluster.tenant({"requests_per_minute": 100})
     results = asyncio.run(_load(cluster, key, [_chat() for _ in range(1000)], concurrency=200))
     assert Counter(status for status, _, _ in results) == {200: 100, 429: 900}
-    # The server's own counts agree: the Redis window and the ledger hold exactly 100.
-    quota = cluster.admin("GET", f"/tenants/{name}/quota").json()["limits"]
-    assert [row["used"] for row in quota if row["limit"] == "rate_limit_requests"] == [100]
+    _assert_counted_exactly(cluster, name, 100)
+
+
+def test_a_steadier_load_is_also_admitted_exactly(cluster: Cluster) -> None:
+    # Each gateway learns what is left; at this pace the limit is near, so no allowances.
+    name, key = cluster.tenant({"requests_per_minute": 300})
+    from_allowances = cluster.admitted_from_allowances()
+    results = asyncio.run(_load(cluster, key, [_chat() for _ in range(1200)], concurrency=16))
+    assert Counter(status for status, _, _ in results) == {200: 300, 429: 900}
+    assert cluster.admitted_from_allowances() == from_allowances
+    _assert_counted_exactly(cluster, name, 300)
+
+
+def test_far_from_its_limits_a_tenant_is_admitted_from_allowances(cluster: Cluster) -> None:
+    limits = {"requests_per_minute": 10**6, "tokens_per_day": 10**8, "max_concurrent": 1000}
+    name, key = cluster.tenant(limits)
+    from_allowances = cluster.admitted_from_allowances()
+    results = asyncio.run(_load(cluster, key, [_chat() for _ in range(1200)], concurrency=16))
+    assert Counter(status for status, _, _ in results) == {200: 1200}
+    assert cluster.admitted_from_allowances() - from_allowances > 600
+    _assert_counted_exactly(cluster, name, 1200)
+    seen = sum(int(body.split(b'"total_tokens":')[1].split(b"}")[0]) for _, _, body in results)
+    deadline = time.monotonic() + 10
+    while True:  # every allowance settled: the budget holds exactly what the clients saw
+        quota = cluster.admin("GET", f"/tenants/{name}/quota").json()["limits"]
+        rows = {row["limit"]: row for row in quota}
+        settled = (rows["budget_tokens"]["used"], rows["budget_tokens"]["reserved"])
+        if settled == (seen, 0) and rows["concurrency"]["used"] == 0:
+            break
+        assert time.monotonic() < deadline, (settled, seen, rows["concurrency"])
+        time.sleep(0.2)
+
+
+def _assert_counted_exactly(cluster: Cluster, name: str, admitted: int) -> None:
+    """The server's own counts agree: the Redis window and the ledger hold exactly `admitted`
+    (the quota report corrects for the allowances the gateway it asks still holds; every
+    allowance is settled within a second or so)."""
+    deadline = time.monotonic() + 10
+    while True:
+        quota = cluster.admin("GET", f"/tenants/{name}/quota").json()["limits"]
+        used = [row["used"] for row in quota if row["limit"] == "rate_limit_requests"]
+        if used == [admitted] or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert used == [admitted]
     deadline = time.monotonic() + 10
     while True:
         usage = cluster.admin("GET", "/usage", params={"tenant": name}).json()["data"]
-        if (usage and usage[0]["requests"] >= 100) or time.monotonic() > deadline:
+        if (usage and usage[0]["requests"] >= admitted) or time.monotonic() > deadline:
             break
         time.sleep(0.2)
-    assert usage[0]["requests"] == 100
+    assert usage[0]["requests"] == admitted
 
 
 def test_concurrent_streams_never_overshoot_a_token_budget(cluster: Cluster) -> None:

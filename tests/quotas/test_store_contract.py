@@ -117,3 +117,26 @@ async def test_tenants_do_not_share_limits(store: QuotaStore, tenant: str) -> No
     assert (await store.admit([window(tenant, 1)], "r1", T0)).allowed
     assert not (await store.admit([window(tenant, 1)], "r2", T0)).allowed
     assert (await store.admit([window(tenant + "x", 1)], "r3", T0)).allowed
+
+
+async def test_one_admission_may_hold_several_slots(store: QuotaStore, tenant: str) -> None:
+    # An allowance (quotas/allowances.py) takes several concurrency slots under one id.
+    three = Check(f"sluis:q:{{{tenant}}}:all:conc", Kind.CONCURRENCY, "concurrency", 4, 3, 100.0)
+    assert (await store.admit([three], "a1", T0)).allowed
+    assert (await store.admit([concurrency(tenant, 4)], "r1", T0)).allowed
+    assert not (await store.admit([concurrency(tenant, 4)], "r2", T0)).allowed
+    await store.settle([three], "a1", [0], admitted_at=T0, now=T0 + 1)
+    [state] = await store.state([concurrency(tenant, 4)], T0 + 1)
+    assert state.used == 1
+
+
+async def test_large_and_zero_amounts_settle_exactly(store: QuotaStore, tenant: str) -> None:
+    # Lua hands Redis its numbers as text: a settled 0 must not become "-0", nor 10^14 "1e+14".
+    free = budget(tenant, 10, cost=0)
+    assert (await store.admit([free], "r0", T0)).allowed
+    await store.settle([free], "r0", [0], admitted_at=T0, now=T0 + 1)
+    big = budget(tenant, 10**15, cost=125_000_000_000_001)
+    assert (await store.admit([big], "r1", T0)).allowed
+    await store.settle([big], "r1", [123_456_789_012_345], admitted_at=T0, now=T0 + 1)
+    [state] = await store.state([big], T0 + 1)
+    assert (state.used, state.reserved) == (123_456_789_012_345, 0)

@@ -1,0 +1,325 @@
+"""Allowances: a gateway admits most requests from a share of a tenant's limits that it took
+from the shared store, and goes to the store only to take the next share.
+
+- A share (an allowance) is taken like one larger admission under its own id: every check of the
+  request's plan at once, each with room for the request that asked plus some more.
+- It is open until the end of the window bucket it was taken in (1 s for per-minute limits), so
+  every request drawn from it falls in the bucket where the store counted it: windows stay exact
+  sliding windows. Then it closes, and once its last request has settled it is settled in the
+  store with what its requests really used; unused room goes back.
+- Its size: room for as many requests as this plan saw in a bucket (for concurrency: twice the
+  requests this gateway has running). Only taken while the tenant is far from its limits: at
+  this gateway's pace a whole window (60 buckets) would use at most an eighth of what the store
+  says is left (concurrency: the slots at most an eighth of those free). Else, and so near any
+  limit, every admission goes to the store, exactly as without allowances.
+
+So a gateway never admits more than the store granted, and limits hold across gateways. The
+price: room a gateway holds unused is not available to the others until its allowance closes
+(at most one bucket, or until its last request ends for the slots and budget it reserved); with
+the rule above a limit can only run out meanwhile if a tenant's pace jumps ~60-fold within the
+bucket, and the room held is then at most 1/480 of what was left, per gateway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+from quotas.checks import Check, CheckState, Decision, Kind
+from quotas.store import QuotaStore, StoreFailure
+
+log = logging.getLogger("sluis.quotas")
+
+DEFAULT_BUCKET_S = 1.0
+SHARE_OF_REMAINING = 8  # a window of allowances takes at most 1/8 of what is left
+WINDOW_BUCKETS_AHEAD = 60  # the pace is judged over a whole window
+
+PlanKey = tuple[tuple[str, int], ...]
+
+
+@dataclass
+class _Allowance:
+    id: str
+    checks: list[Check]  # the costs are the room granted
+    granted: tuple[CheckState, ...]  # the store's states right after the grant
+    granted_at: float
+    bucket: int
+    bucket_s: float
+    taken: list[int]  # per check: drawn by requests (reserved, then what they really used)
+    in_flight: list[int]  # per check: what requests still running reserved
+    outstanding: int = 0
+    closed: bool = False
+
+    def is_open(self, now: float) -> bool:
+        return not self.closed and math.floor(now / self.bucket_s) == self.bucket
+
+    def fits(self, checks: Sequence[Check]) -> bool:
+        return all(
+            taken + check.cost <= room.cost
+            for taken, check, room in zip(self.taken, checks, self.checks, strict=True)
+        )
+
+    def draw(self, checks: Sequence[Check]) -> None:
+        for i, check in enumerate(checks):
+            self.taken[i] += check.cost
+            self.in_flight[i] += check.cost
+        self.outstanding += 1
+
+    def give_back(self, checks: Sequence[Check], actual: Sequence[int]) -> None:
+        for i, (check, spent) in enumerate(zip(checks, actual, strict=True)):
+            # A concurrency slot is free again; reservations become what was really used.
+            self.taken[i] -= check.cost if check.kind is Kind.CONCURRENCY else check.cost - spent
+            self.in_flight[i] -= check.cost
+        self.outstanding -= 1
+
+    @property
+    def finished(self) -> bool:
+        return self.closed and self.outstanding == 0
+
+    def states(self) -> tuple[CheckState, ...]:
+        """The store's states at the grant, as its requests have changed them since."""
+        return tuple(self.correct(state, i) for i, state in enumerate(self.granted))
+
+    def correct(self, state: CheckState, index: int) -> CheckState:
+        """A store state of check `index` as it stands once this allowance is settled: unused
+        room given back, settled requests' usage counted as used."""
+        room, taken, in_flight = self.checks[index], self.taken[index], self.in_flight[index]
+        if room.kind is Kind.BUDGET:
+            return replace(
+                state,
+                used=state.used + taken - in_flight,
+                reserved=max(0, state.reserved - room.cost + in_flight),
+            )
+        return replace(state, used=max(0, state.used - room.cost + taken))
+
+
+@dataclass
+class _Plan:
+    """What this gateway knows of one plan (a tenant's checks for a model)."""
+
+    states: tuple[CheckState, ...] = ()  # as of the latest store answer
+    allowance: _Allowance | None = None
+    bucket: int = 0
+    seen: int = 0  # requests in the current bucket
+    seen_before: int = 0  # requests in the bucket before it
+    running: int = 0  # admitted here and not yet settled
+
+
+@dataclass
+class _Draw:
+    allowance: _Allowance
+    checks: list[Check] = field(default_factory=list)
+
+
+class AllowanceStore:
+    """A `QuotaStore` in front of a shared one (Redis): admits from allowances where it can."""
+
+    def __init__(self, inner: QuotaStore, *, clock: Callable[[], float]) -> None:
+        self._inner = inner
+        self._clock = clock
+        self._plans: dict[PlanKey, _Plan] = {}
+        self._draws: dict[str, _Draw] = {}
+        self._open: list[_Allowance] = []
+        self._finished: list[_Allowance] = []
+        self._unsettled: list[_Allowance] = []  # granted, not yet settled in the store
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def admit(self, checks: Sequence[Check], request_id: str, now: float) -> Decision:
+        self._start_flusher()
+        self._close_due(now)
+        plan = self._plan(checks, now)
+        decision = await self._admit(plan, checks, request_id, now)
+        if decision.allowed:
+            plan.running += 1
+        return decision
+
+    async def _admit(
+        self, plan: _Plan, checks: Sequence[Check], request_id: str, now: float
+    ) -> Decision:
+        allowance = plan.allowance
+        if allowance is not None and allowance.is_open(now) and allowance.fits(checks):
+            return self._draw(allowance, checks, request_id, local=True)
+        if allowance is not None:
+            # Too small for this request: closed, and when idle its unused room goes back
+            # before the store is asked (else this gateway could refuse a request for room it
+            # holds itself).
+            self._close(allowance)
+            await self._settle_finished(now)
+        room = self._room(plan, checks)
+        if room is not None:
+            wanted = [
+                replace(c, cost=c.cost + extra) for c, extra in zip(checks, room, strict=True)
+            ]
+            allowance_id = f"a-{secrets.token_hex(8)}"
+            granted = await self._inner.admit(wanted, allowance_id, now)
+            if granted.allowed:
+                width = min((c.bucket_s for c in checks if c.kind is Kind.WINDOW), default=None)
+                bucket_s = width or DEFAULT_BUCKET_S
+                plan.states = granted.states
+                plan.allowance = _Allowance(
+                    id=allowance_id,
+                    checks=wanted,
+                    granted=granted.states,
+                    granted_at=now,
+                    bucket=math.floor(now / bucket_s),
+                    bucket_s=bucket_s,
+                    taken=[0] * len(wanted),
+                    in_flight=[0] * len(wanted),
+                )
+                self._open.append(plan.allowance)
+                self._unsettled.append(plan.allowance)
+                return self._draw(plan.allowance, checks, request_id, local=False)
+        decision = await self._inner.admit(checks, request_id, now)
+        if decision.allowed:
+            plan.states = decision.states
+        return decision
+
+    async def settle(
+        self,
+        checks: Sequence[Check],
+        request_id: str,
+        actual: Sequence[int],
+        admitted_at: float,
+        now: float,
+    ) -> None:
+        plan = self._plans.get(_plan_key(checks))
+        if plan is not None:
+            plan.running = max(0, plan.running - 1)
+        draw = self._draws.pop(request_id, None)
+        if draw is None:
+            # Admitted by the store itself: settled there (a failure is the caller's to retry).
+            await self._inner.settle(checks, request_id, actual, admitted_at, now)
+            return
+        draw.allowance.give_back(draw.checks, actual)
+        if draw.allowance.finished:
+            self._finished.append(draw.allowance)
+            try:
+                await self._settle_finished(now)
+            except (StoreFailure, TimeoutError) as exc:
+                # Kept: the flusher tries again. The request itself is settled here, once.
+                log.warning("settling a quota allowance failed (%s); retrying", exc)
+
+    async def flush(self, now: float, *, everything: bool = False) -> None:
+        """Close the allowances whose bucket has ended (all, with `everything`) and settle the
+        finished ones in the store."""
+        self._close_due(now, everything=everything)
+        await self._settle_finished(now)
+
+    async def state(self, checks: Sequence[Check], now: float) -> list[CheckState]:
+        """The store's states, corrected for this gateway's allowances not yet settled there
+        (exact with one gateway; other gateways' allowances show as held for a moment)."""
+        states = await self._inner.state(checks, now)
+        corrected = []
+        for check, state in zip(checks, states, strict=True):
+            for allowance in self._unsettled:
+                for index, room in enumerate(allowance.checks):
+                    if room.key == check.key:
+                        state = allowance.correct(state, index)
+            corrected.append(state)
+        return corrected
+
+    async def ping(self) -> None:
+        await self._inner.ping()
+
+    async def aclose(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+        try:
+            await self.flush(self._clock(), everything=True)
+        except (StoreFailure, TimeoutError) as exc:
+            # Their reservations and slots lapse after their lease, like any unsettled request.
+            log.error("%d quota allowances left unsettled: %s", len(self._finished), exc)
+        await self._inner.aclose()
+
+    def _plan(self, checks: Sequence[Check], now: float) -> _Plan:
+        key = _plan_key(checks)
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) > 10_000:
+                self._plans = {
+                    k: p
+                    for k, p in self._plans.items()
+                    if p.running or (p.allowance is not None and not p.allowance.closed)
+                }
+            plan = self._plans[key] = _Plan()
+        bucket = math.floor(now / DEFAULT_BUCKET_S)
+        if bucket != plan.bucket:
+            plan.seen_before = plan.seen if bucket == plan.bucket + 1 else 0
+            plan.bucket, plan.seen = bucket, 0
+        plan.seen += 1
+        return plan
+
+    @staticmethod
+    def _room(plan: _Plan, checks: Sequence[Check]) -> list[int] | None:
+        """Room to take beyond this request, per check; None when the tenant is too close to
+        a limit for an allowance (or too quiet for one to be worth it)."""
+        expected = max(plan.seen, plan.seen_before)
+        if expected < 2 or len(plan.states) != len(checks):
+            return None
+        room = []
+        for check, state in zip(checks, plan.states, strict=True):
+            left = state.remaining - check.cost
+            if check.kind is Kind.CONCURRENCY:
+                extra = check.cost * 2 * (plan.running + 1)  # slots are used again
+                needed = extra
+            else:
+                extra = check.cost * expected
+                needed = extra * WINDOW_BUCKETS_AHEAD
+            if needed * SHARE_OF_REMAINING > left:
+                return None
+            room.append(extra)
+        return room
+
+    def _draw(
+        self, allowance: _Allowance, checks: Sequence[Check], request_id: str, *, local: bool
+    ) -> Decision:
+        allowance.draw(checks)
+        self._draws[request_id] = _Draw(allowance, list(checks))
+        return Decision(allowed=True, states=allowance.states(), local=local)
+
+    def _close(self, allowance: _Allowance) -> None:
+        if allowance.closed:
+            return
+        allowance.closed = True
+        self._open.remove(allowance)
+        if allowance.finished:
+            self._finished.append(allowance)
+
+    def _close_due(self, now: float, *, everything: bool = False) -> None:
+        for allowance in [a for a in self._open if everything or not a.is_open(now)]:
+            self._close(allowance)
+
+    async def _settle_finished(self, now: float) -> None:
+        while self._finished:
+            allowance = self._finished.pop(0)  # taken off first: concurrent callers never share one
+            try:
+                await self._inner.settle(
+                    allowance.checks, allowance.id, allowance.taken, allowance.granted_at, now
+                )
+            except BaseException:
+                self._finished.insert(0, allowance)
+                raise
+            self._unsettled.remove(allowance)
+
+    def _start_flusher(self) -> None:
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush_every_bucket())
+
+    async def _flush_every_bucket(self) -> None:
+        while True:
+            await asyncio.sleep(DEFAULT_BUCKET_S / 2)
+            try:
+                await self.flush(self._clock())
+            except (StoreFailure, TimeoutError) as exc:
+                log.warning("settling quota allowances failed (%s); retrying", exc)
+
+
+def _plan_key(checks: Sequence[Check]) -> PlanKey:
+    return tuple((check.key, check.limit) for check in checks)
