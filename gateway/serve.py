@@ -18,6 +18,7 @@ from gateway.app import admin_token_path, create_app
 from gateway.errors import Conflict
 from gateway.fake_engine import FakeEngine, FakeEngineConfig
 from gateway.fake_server import create_fake_server
+from gateway.http_protocol import CoalescingHttpToolsProtocol
 from gateway.settings import ConfigError, Settings
 from gateway.state import GatewayState
 from gateway.upstreams.fake import FakeUpstream
@@ -59,7 +60,7 @@ def server_for(app: Starlette, host: str, port: int, *, drain_s: float = 30.0) -
         host=host,
         port=port,
         loop="uvloop",
-        http="httptools",
+        http=CoalescingHttpToolsProtocol,
         access_log=False,
         log_level="warning",
         timeout_graceful_shutdown=int(drain_s) or None,

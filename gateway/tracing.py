@@ -48,6 +48,7 @@ class TracingMiddleware:
     def __init__(self, app: ASGIApp, *, tracer: Tracer) -> None:
         self.app = app
         self._tracer = tracer
+        self._recording = not isinstance(tracer, trace.NoOpTracer)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
@@ -58,6 +59,10 @@ class TracingMiddleware:
             for k, v in scope["headers"]
             if k in (b"traceparent", b"tracestate")
         }
+        if not carrier and not self._recording:
+            # Tracing off and no trace to continue: no span, not even a no-op one.
+            await self.app(scope, receive, send)
+            return
         name = f"{scope['method']} {scope['path']}"
         with self._tracer.start_as_current_span(
             name,

@@ -40,6 +40,7 @@ SHARE_OF_REMAINING = 8  # a window of allowances takes at most 1/8 of what is le
 WINDOW_BUCKETS_AHEAD = 60  # the pace is judged over a whole window
 
 PlanKey = tuple[tuple[str, int], ...]
+REQUESTS_WINDOW = "rate_limit_requests"  # every request costs it 1: a refusal holds for all
 
 
 @dataclass
@@ -108,6 +109,9 @@ class _Plan:
     seen: int = 0  # requests in the current bucket
     seen_before: int = 0  # requests in the bucket before it
     running: int = 0  # admitted here and not yet settled
+    # The store's latest refusal by the requests-per-minute window, and until when it stands.
+    refused: Decision | None = None
+    refused_until: float = 0.0
 
 
 @dataclass
@@ -141,6 +145,8 @@ class AllowanceStore:
     async def _admit(
         self, plan: _Plan, checks: Sequence[Check], request_id: str, now: float
     ) -> Decision:
+        if plan.refused is not None and now < plan.refused_until:
+            return self._refused_again(plan.refused, now)
         allowance = plan.allowance
         if allowance is not None and allowance.is_open(now) and allowance.fits(checks):
             return self._draw(allowance, checks, request_id, local=True)
@@ -177,6 +183,8 @@ class AllowanceStore:
         decision = await self._inner.admit(checks, request_id, now)
         if decision.allowed:
             plan.states = decision.states
+        elif decision.failed is not None and checks[decision.failed].code == REQUESTS_WINDOW:
+            self._remember_refusal(plan, decision, now)
         return decision
 
     async def settle(
@@ -276,6 +284,27 @@ class AllowanceStore:
                 return None
             room.append(extra)
         return room
+
+    @staticmethod
+    def _remember_refusal(plan: _Plan, decision: Decision, now: float) -> None:
+        """A full requests window stays full until its old buckets leave it (other gateways
+        only add to it), so this gateway refuses the plan's next requests itself until then,
+        at most to the end of the current bucket: a tenant hammering past its rate limit costs
+        the store one call per gateway and second, not one per request."""
+        bucket_end = (math.floor(now / DEFAULT_BUCKET_S) + 1) * DEFAULT_BUCKET_S
+        retry_at = now + decision.retry_after_s
+        plan.refused = replace(decision, retry_after_s=retry_at)  # absolute, while remembered
+        plan.refused_until = min(retry_at, bucket_end)
+
+    @staticmethod
+    def _refused_again(refusal: Decision, now: float) -> Decision:
+        return Decision(
+            allowed=False,
+            states=refusal.states,
+            failed=refusal.failed,
+            retry_after_s=max(0.0, refusal.retry_after_s - now),
+            local=True,
+        )
 
     def _draw(
         self, allowance: _Allowance, checks: Sequence[Check], request_id: str, *, local: bool

@@ -12,6 +12,8 @@ from typing import Any, TypeVar
 import uvicorn
 from starlette.types import ASGIApp
 
+from gateway.http_protocol import CoalescingHttpToolsProtocol
+
 T = TypeVar("T")
 
 
@@ -23,8 +25,13 @@ class ServerThread:
         self._socket.bind(("127.0.0.1", 0))
         self.port: int = self._socket.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(
-            app, log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=10
+        config = uvicorn.Config(  # the gateway's own HTTP protocol, as `sluis gateway` runs it
+            app,
+            http=CoalescingHttpToolsProtocol,
+            log_level="warning",
+            access_log=False,
+            lifespan="on",
+            timeout_graceful_shutdown=10,
         )
         self.server = uvicorn.Server(config)
         self.loop = asyncio.new_event_loop()

@@ -133,7 +133,7 @@ async def test_near_a_limit_every_admission_asks_the_store(inner: QuotaStore, te
     rpm = window(tenant, 8)  # an eighth of what is left is never room for one more
     decisions = await admit_many(store, [rpm], 10, T0)
     assert [d.allowed for d in decisions] == [True] * 8 + [False] * 2
-    assert not any(d.local for d in decisions)
+    assert not any(d.local for d in decisions if d.allowed)
     assert decisions[-1].retry_after_s == pytest.approx(61, abs=0.01)
     await store.aclose()
 
@@ -144,7 +144,7 @@ async def test_a_burst_at_a_limit_is_admitted_exactly(inner: QuotaStore, tenant:
     decisions = [await gateways[i % 4].admit([rpm], f"r{i}", T0 + i * 0.0009) for i in range(1000)]
     # At this pace the limit is near: every admission is the store's, and exactly 100 pass.
     assert sum(d.allowed for d in decisions) == 100
-    assert not any(d.local for d in decisions)
+    assert not any(d.local for d in decisions if d.allowed)
     for store in gateways:
         await store.aclose()
 
@@ -212,6 +212,38 @@ class FailingSettles(MemoryStore):
         if self.down:
             raise StoreFailure("down")
         await super().settle(*args, **kwargs)
+
+
+class CountingAdmissions(MemoryStore):
+    """The in-process store, counting the admissions it is asked for."""
+
+    calls = 0
+
+    async def admit(self, *args: Any, **kwargs: Any) -> Decision:
+        self.calls += 1
+        return await super().admit(*args, **kwargs)
+
+
+async def test_a_tenant_hammering_past_its_rate_limit_costs_one_store_call_a_second(
+    tenant: str,
+) -> None:
+    inner = CountingAdmissions()
+    store = gateway(inner)
+    rpm = window(tenant, 3)
+    assert [(await store.admit([rpm], f"r{i}", T0 + i)).allowed for i in range(3)] == [True] * 3
+    first = await store.admit([rpm], "x0", T0 + 10.2)
+    assert not first.allowed and first.retry_after_s == pytest.approx(50.8)
+    calls = inner.calls
+    again = [await store.admit([rpm], f"x{i}", T0 + 10.2 + i * 0.001) for i in range(1, 500)]
+    assert inner.calls == calls  # refused here, as the store would have
+    assert all(not d.allowed and d.failed == 0 for d in again)
+    assert again[-1].retry_after_s == pytest.approx(50.8 - 0.499)
+    assert not (await store.admit([rpm], "y", T0 + 11.0)).allowed
+    assert inner.calls == calls + 1  # a new bucket: the store is asked again
+    # The remembered refusal never outlives the window: r0 leaves it at T0 + 61.
+    assert not (await store.admit([rpm], "z0", T0 + 60.5)).allowed
+    assert (await store.admit([rpm], "z1", T0 + 61.0)).allowed
+    await store.aclose()
 
 
 async def test_a_failed_settlement_is_retried_and_counted_once(tenant: str) -> None:
