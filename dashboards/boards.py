@@ -307,6 +307,20 @@ def gateway() -> Dashboard:
             description="mode=open: requests admitted without quotas because the store failed.",
         ),
         Panel(
+            "Admissions by where decided",
+            (
+                Query(
+                    f"sum by (source) (rate(sluis_quota_admissions_total[{RATE}]))",
+                    "{{source}}",
+                ),
+            ),
+            unit="reqps",
+            description=(
+                "store: one quota store call per request; allowance: admitted by the gateway "
+                "from its share of a tenant's limits, without a store call (Redis only)."
+            ),
+        ),
+        Panel(
             "Gateways up",
             (Query('sum(up{job="sluis-gateway"})', "up"),),
             kind="stat",
