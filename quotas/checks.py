@@ -66,7 +66,8 @@ class Decision:
     retry_after_s: float = 0.0
     # The check could never pass, whatever the wait (its cost alone is over the limit).
     never: bool = False
-    # Admitted from this gateway's allowance, without a store call (`quotas/allowances.py`).
+    # Decided by this gateway without a store call (`quotas/allowances.py`): admitted from its
+    # allowance, or refused again while a full requests window stays full.
     local: bool = False
 
 
