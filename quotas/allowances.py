@@ -180,11 +180,14 @@ class AllowanceStore:
                 self._open.append(plan.allowance)
                 self._unsettled.append(plan.allowance)
                 return self._draw(plan.allowance, checks, request_id, local=False)
+            plan.states = ()  # closer to a limit than this gateway knew: ask again first
         decision = await self._inner.admit(checks, request_id, now)
         if decision.allowed:
             plan.states = decision.states
-        elif decision.failed is not None and checks[decision.failed].code == REQUESTS_WINDOW:
-            self._remember_refusal(plan, decision, now)
+        else:
+            plan.states = ()  # a refusal tells one limit's state only: learn them all anew
+            if decision.failed is not None and checks[decision.failed].code == REQUESTS_WINDOW:
+                self._remember_refusal(plan, decision, now)
         return decision
 
     async def settle(
