@@ -28,7 +28,7 @@ import logging
 import math
 import secrets
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from quotas.checks import Check, CheckState, Decision, Kind
 from quotas.store import QuotaStore, StoreFailure
@@ -91,12 +91,11 @@ class _Allowance:
         room given back, settled requests' usage counted as used."""
         room, taken, in_flight = self.checks[index], self.taken[index], self.in_flight[index]
         if room.kind is Kind.BUDGET:
-            return replace(
-                state,
-                used=state.used + taken - in_flight,
-                reserved=max(0, state.reserved - room.cost + in_flight),
-            )
-        return replace(state, used=max(0, state.used - room.cost + taken))
+            used = state.used + taken - in_flight
+            reserved = max(0, state.reserved - room.cost + in_flight)
+        else:
+            used, reserved = max(0, state.used - room.cost + taken), state.reserved
+        return CheckState(state.limit, used, reserved, state.reset_s)
 
 
 @dataclass
@@ -109,15 +108,17 @@ class _Plan:
     seen: int = 0  # requests in the current bucket
     seen_before: int = 0  # requests in the bucket before it
     running: int = 0  # admitted here and not yet settled
-    # The store's latest refusal by the requests-per-minute window, and until when it stands.
+    # The store's latest refusal by the requests-per-minute window, when its retry falls due,
+    # and until when this gateway repeats it.
     refused: Decision | None = None
+    refused_retry_at: float = 0.0
     refused_until: float = 0.0
 
 
 @dataclass
 class _Draw:
     allowance: _Allowance
-    checks: list[Check] = field(default_factory=list)
+    checks: list[Check]
 
 
 class AllowanceStore:
@@ -146,16 +147,12 @@ class AllowanceStore:
         self, plan: _Plan, checks: Sequence[Check], request_id: str, now: float
     ) -> Decision:
         if plan.refused is not None and now < plan.refused_until:
-            return self._refused_again(plan.refused, now)
-        allowance = plan.allowance
-        if allowance is not None and allowance.is_open(now) and allowance.fits(checks):
-            return self._draw(allowance, checks, request_id, local=True)
-        if allowance is not None:
-            # Too small for this request: closed, and when idle its unused room goes back
-            # before the store is asked (else this gateway could refuse a request for room it
-            # holds itself).
-            self._close(allowance)
-            await self._settle_finished(now)
+            return self._refused_again(plan, now)
+        previous = plan.allowance
+        if previous is not None and previous.is_open(now) and previous.fits(checks):
+            return self._draw(previous, checks, request_id, local=True)
+        if previous is not None:
+            self._close(previous)  # ended, or too small for this request
         room = self._room(plan, checks)
         if room is not None:
             wanted = [
@@ -181,6 +178,10 @@ class AllowanceStore:
                 self._unsettled.append(plan.allowance)
                 return self._draw(plan.allowance, checks, request_id, local=False)
             plan.states = ()  # closer to a limit than this gateway knew: ask again first
+        if self._finished:
+            # The store decides this one alone: the room this gateway still holds idle goes
+            # back first (else it could refuse a request for room it holds itself).
+            await self._settle_finished(now)
         decision = await self._inner.admit(checks, request_id, now)
         if decision.allowed:
             plan.states = decision.states
@@ -295,17 +296,18 @@ class AllowanceStore:
         at most to the end of the current bucket: a tenant hammering past its rate limit costs
         the store one call per gateway and second, not one per request."""
         bucket_end = (math.floor(now / DEFAULT_BUCKET_S) + 1) * DEFAULT_BUCKET_S
-        retry_at = now + decision.retry_after_s
-        plan.refused = replace(decision, retry_after_s=retry_at)  # absolute, while remembered
-        plan.refused_until = min(retry_at, bucket_end)
+        plan.refused = decision
+        plan.refused_retry_at = now + decision.retry_after_s
+        plan.refused_until = min(plan.refused_retry_at, bucket_end)
 
     @staticmethod
-    def _refused_again(refusal: Decision, now: float) -> Decision:
+    def _refused_again(plan: _Plan, now: float) -> Decision:
+        assert plan.refused is not None
         return Decision(
             allowed=False,
-            states=refusal.states,
-            failed=refusal.failed,
-            retry_after_s=max(0.0, refusal.retry_after_s - now),
+            states=plan.refused.states,
+            failed=plan.refused.failed,
+            retry_after_s=max(0.0, plan.refused_retry_at - now),
             local=True,
         )
 
