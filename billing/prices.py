@@ -4,6 +4,10 @@ with history: a price takes effect from a date (UTC) and the earlier ones are ke
 Amounts are kept in micro-euros (integers) wherever they are summed, so budgets and invoices
 never drift by floating-point rounding. A request is charged the price in force when it is
 metered; the ledger keeps that charge, so later changes never rewrite history.
+
+A request that used no tokens costs nothing, `eur_per_request` included: it is one the engine
+refused or never received (the gateway's billing policy, `gateway/proxy.py`). This one rule gives
+the quota budget's settle, the ledger and the billing counters the same charge.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ class ModelPrice(BaseModel):
 
     def micro_eur(self, prompt_tokens: int, completion_tokens: int) -> int:
         """The price of one request in micro-euros, rounded up (never under-charged)."""
+        if prompt_tokens == 0 and completion_tokens == 0:
+            return 0  # nothing the engine did is billed (module docstring)
         # EUR per million tokens == micro-euros per token.
         total = (
             prompt_tokens * self.prompt_eur_per_million

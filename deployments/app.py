@@ -63,7 +63,9 @@ def build_application(settings: Settings, sources: Mapping[str, str]) -> Any:
         name=GATEWAY_DEPLOYMENT,
         num_replicas=1,
         ray_actor_options=gateway_actor,
-        graceful_shutdown_timeout_s=settings.shutdown_drain_s + 5,
+        # uvicorn's request drain, then the lifespan's own budget (usage written or spooled),
+        # then 5 s for the replica to exit: Serve kills it only after all of that.
+        graceful_shutdown_timeout_s=settings.shutdown_drain_s + settings.shutdown_flush_s + 5,
         logging_config=QUIET,
     )
     return ingress.bind(settings, handles)

@@ -20,7 +20,7 @@ from typing import Any
 import uvicorn
 
 from gateway.app import create_app
-from gateway.serve import server_for
+from gateway.serve import gateway_server
 from gateway.settings import Settings
 from gateway.upstreams.ray_serve import RayServeUpstream
 
@@ -39,8 +39,7 @@ class GatewayIngress:
     ) -> None:
         """`models`: the upstream model name -> its deployment's handle (bound by Serve)."""
         app = create_app(settings, upstream=RayServeUpstream(models))
-        config = server_for(app, settings.host, settings.port, drain_s=settings.shutdown_drain_s)
-        self._server = _EmbeddedServer(config.config)
+        self._server = _EmbeddedServer(gateway_server(app, settings).config)
         self._serving = asyncio.create_task(self._server.serve())
         while not self._server.started:
             if self._serving.done():

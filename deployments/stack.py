@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,13 @@ class StackOptions:
     # else a local Ray started here and stopped on exit.
     address: str | None = None
     ray_metrics_port: int | None = None
+    # How long the application may take to become ready (models loaded, gateway serving)
+    # before `sluis up` gives up with the deployments' own account of what is missing.
+    ready_timeout_s: float = 600.0
+
+
+class StackNotReady(RuntimeError):
+    """The application did not become ready in time, or failed to deploy."""
 
 
 def run_stack(settings: Settings, options: StackOptions) -> int:
@@ -77,7 +85,15 @@ def run_stack(settings: Settings, options: StackOptions) -> int:
         check_placement(models, ray.nodes())
         # The gateway replica serves HTTP itself (deployments/ingress.py): no Serve proxy.
         serve.start(proxy_location="Disabled")
-        serve.run(build_application(settings, sources), name=APP_NAME, route_prefix=None)
+        serve._run(
+            build_application(settings, sources),
+            name=APP_NAME,
+            route_prefix=None,
+            _blocking=False,
+        )
+        if not _wait_running(options.ready_timeout_s, stop):
+            print("sluis: interrupted while starting; shutting down", flush=True)
+            return 130
         print(_announce(settings), flush=True)
         stop.wait()
         print("sluis: shutting down", flush=True)
@@ -88,6 +104,34 @@ def run_stack(settings: Settings, options: StackOptions) -> int:
             serve.delete(APP_NAME)
         ray.shutdown()
     return 0
+
+
+def _wait_running(timeout_s: float, stop: threading.Event) -> bool:
+    """Until the application runs (True), or a signal asks to stop (False); raises
+    `StackNotReady` when it failed or is not running within `timeout_s`, with every
+    deployment's status: a start that cannot finish fails instead of hanging."""
+    from ray import serve
+    from ray.serve.schema import ApplicationStatus
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        application = serve.status().applications.get(APP_NAME)
+        status = application.status if application else ApplicationStatus.NOT_STARTED
+        if status == ApplicationStatus.RUNNING:
+            return True
+        failed = status in (ApplicationStatus.DEPLOY_FAILED, ApplicationStatus.UNHEALTHY)
+        if failed or time.monotonic() > deadline:
+            lines = [f"the application is {status.value} after {timeout_s:.0f} s"]
+            if application is not None:
+                if application.message:
+                    lines.append(application.message.strip())
+                for name, deployment in application.deployments.items():
+                    detail = f" ({deployment.message.strip()})" if deployment.message else ""
+                    lines.append(f"  {name}: {deployment.status.value}{detail}")
+            lines.append("Ray's logs: /tmp/ray/session_latest/logs (serve/ holds the replicas')")
+            raise StackNotReady("\n".join(lines))
+        if stop.wait(1.0):
+            return False
 
 
 def _pinned(settings: Settings) -> Settings:

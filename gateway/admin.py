@@ -1,4 +1,4 @@
-"""The admin API under `/admin/v1`: tenants, keys, usage and the audit log."""
+"""The admin API under `/admin/v1`: tenants, keys, usage, the audit log and readiness."""
 
 from __future__ import annotations
 
@@ -14,11 +14,12 @@ from starlette.routing import Mount, Route
 
 from gateway.body import parse_json_object, read_limited_body
 from gateway.errors import InvalidRequest
+from gateway.health import readyz_detail
 from gateway.middleware import AdminGuard
 from gateway.state import GatewayState, gateway_state
 from gateway.tenancy.ledger import UsageFilter
 from gateway.tenancy.records import ALL_MODELS
-from quotas.policy import QuotaPolicy
+from quotas.policy import LIMIT_FIELDS, QuotaSettings
 
 _ADMIN_BODY_LIMIT = 64 * 1024
 _Body = TypeVar("_Body", bound=BaseModel)
@@ -32,20 +33,24 @@ class CreateTenant(_Input):
     name: str
     models: list[str] = Field(default_factory=list)
     metadata: dict[str, Any] = Field(default_factory=dict)
-    quotas: QuotaPolicy | None = None
+    quotas: QuotaSettings | None = None
 
 
 class UpdateTenant(_Input):
     models: list[str] | None = None
     metadata: dict[str, Any] | None = None
     status: Literal["active", "suspended"] | None = None
-    # Replaces the tenant's quota settings; fields left out follow the defaults, null = unlimited.
-    quotas: QuotaPolicy | None = None
+    # A JSON merge patch (RFC 7396) of the tenant's quota settings: a field left out is kept,
+    # null removes it (back to the default), "unlimited" lifts it; `"quotas": null` removes all.
+    quotas: QuotaSettings | None = None
+
+
+_MAX_KEY_LIFETIME_S = 10 * 365 * 24 * 3600  # ten years: far from datetime's range (year 9999)
 
 
 class CreateKey(_Input):
     name: str = Field(default="default", min_length=1, max_length=128)
-    expires_in_s: int | None = Field(default=None, ge=1)
+    expires_in_s: int | None = Field(default=None, ge=1, le=_MAX_KEY_LIFETIME_S)
 
 
 class RotateKey(_Input):
@@ -60,9 +65,9 @@ async def create_tenant(request: Request) -> Response:
         models=_known_models(state, data.models),
         metadata=data.metadata,
         actor=_actor(request),
-        quotas=_quota_settings(state, data.quotas),
+        quotas=_quota_patch(state, data.quotas),
     )
-    return _json(tenant.to_json(), 201)
+    return _json(tenant.to_json(), 201, etag=tenant.etag)
 
 
 async def list_tenants(request: Request) -> Response:
@@ -72,22 +77,29 @@ async def list_tenants(request: Request) -> Response:
 
 async def get_tenant(request: Request) -> Response:
     tenant = await gateway_state(request).tenants.get_tenant(request.path_params["ref"])
-    return _json(tenant.to_json())
+    return _json(tenant.to_json(), etag=tenant.etag)
 
 
 async def update_tenant(request: Request) -> Response:
+    """PATCH: without If-Match it always applies; with it, only to the version named (else 412)."""
     state = gateway_state(request)
     data = await _body(request, UpdateTenant)
+    quota_patch = None
+    if data.quotas is not None:
+        quota_patch = _quota_patch(state, data.quotas)
+    elif "quotas" in data.model_fields_set:
+        quota_patch = dict.fromkeys((*LIMIT_FIELDS, "models"))
     tenant = await state.tenants.update_tenant(
         request.path_params["ref"],
         actor=_actor(request),
         models=None if data.models is None else _known_models(state, data.models),
         metadata=data.metadata,
         status=data.status,
-        quotas=_quota_settings(state, data.quotas),
+        quota_patch=quota_patch,
+        expected_versions=_if_match(request),
     )
     state.authenticator.invalidate()
-    return _json(tenant.to_json())
+    return _json(tenant.to_json(), etag=tenant.etag)
 
 
 async def tenant_quota(request: Request) -> Response:
@@ -184,6 +196,7 @@ def admin_mount(token: str) -> Mount:
         Route("/usage", usage, methods=["GET"]),
         Route("/usage/records", usage_records, methods=["GET"]),
         Route("/audit", audit, methods=["GET"]),
+        Route("/readyz", readyz_detail, methods=["GET"]),
     ]
     return Mount("/admin/v1", routes=routes, middleware=[Middleware(AdminGuard, token=token)])
 
@@ -212,11 +225,31 @@ def _known_models(state: GatewayState, models: list[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(models))
 
 
-def _quota_settings(state: GatewayState, quotas: QuotaPolicy | None) -> dict[str, Any] | None:
+def _quota_patch(state: GatewayState, quotas: QuotaSettings | None) -> dict[str, Any] | None:
     if quotas is None:
         return None
-    _known_models(state, list(quotas.models))
-    return quotas.model_dump(exclude_unset=True)
+    # Settings of a model no longer in the catalog can still be removed (null).
+    _known_models(state, [model for model, own in (quotas.models or {}).items() if own is not None])
+    return quotas.as_patch()
+
+
+def _if_match(request: Request) -> frozenset[int] | None:
+    """The versions an If-Match header accepts; None when any will do (absent, or `*`).
+
+    Entity tags compare strongly (RFC 9110): a weak tag (W/"3") never matches. A bare number
+    is taken as the tag it names, for people typing headers by hand.
+    """
+    header = request.headers.get("if-match")
+    if header is None or header.strip() == "*":
+        return None
+    versions: set[int] = set()
+    for part in header.split(","):
+        tag = part.strip()
+        if tag.startswith('"') and tag.endswith('"') and len(tag) >= 2:
+            tag = tag[1:-1]
+        if tag.isascii() and tag.isdigit():
+            versions.add(int(tag))
+    return frozenset(versions)
 
 
 async def _usage_filter(request: Request, state: GatewayState) -> UsageFilter:
@@ -263,5 +296,8 @@ def _iso(value: datetime | None) -> str | None:
     return None if value is None else value.isoformat()
 
 
-def _json(payload: object, status: int = 200) -> Response:
-    return Response(orjson.dumps(payload), status_code=status, media_type="application/json")
+def _json(payload: object, status: int = 200, *, etag: str | None = None) -> Response:
+    headers = None if etag is None else {"etag": etag}
+    return Response(
+        orjson.dumps(payload), status_code=status, media_type="application/json", headers=headers
+    )

@@ -45,9 +45,10 @@ class AdminClient:
         *,
         json: dict[str, Any] | None = None,
         params: dict[str, str] | None = None,
+        headers: dict[str, str] | None = None,
     ) -> Any:
         try:
-            response = self._client.request(method, path, json=json, params=params)
+            response = self._client.request(method, path, json=json, params=params, headers=headers)
         except httpx.TransportError as exc:
             raise AdminError(
                 f"cannot reach the gateway at {self._url}: {exc}", exit_code=2

@@ -11,6 +11,7 @@ from typing import Any, Protocol
 
 from gateway.auth import Principal
 from gateway.catalog import Model
+from gateway.generation import Generation
 from gateway.upstreams.base import Endpoint
 
 
@@ -20,8 +21,8 @@ class AdmissionRequest:
     model: Model
     request_id: str
     endpoint: Endpoint
-    body: dict[str, Any]
-    max_completion_tokens: int | None
+    # The most the request can cost, the engine held to it (gateway/generation.py).
+    generation: Generation
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,9 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import AsyncIterator
+import stat
+import tempfile
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -28,7 +30,7 @@ from gateway.clock import Clock, SystemClock
 from gateway.errors import SluisError, UpstreamUnavailable, error_body
 from gateway.health import healthz, readyz
 from gateway.inflight import Inflight
-from gateway.metering import Meter
+from gateway.metering import CANCEL_GRACE_S, Meter
 from gateway.metrics import Metrics
 from gateway.metrics_listener import MetricsListener
 from gateway.middleware import RequestIdMiddleware
@@ -75,7 +77,9 @@ def create_app(
         the_upstream = upstream or build_upstream(upstream_config)
         meter: Meter | None = None
         inflight = Inflight()
-        instances = InstanceRegistry(database, clock, quota_store=store_name(settings))
+        instances = InstanceRegistry(
+            database, clock, quota_store=store_name(settings), gateway_id=gateway_id
+        )
         listener = None
         if settings.metrics_port:
             listener = MetricsListener(
@@ -106,11 +110,12 @@ def create_app(
             meter = Meter(
                 ledger,
                 spool=settings.state_dir / "usage-spool.jsonl",
+                metrics=metrics,
                 batch_size=settings.meter_batch_size,
                 linger_s=settings.meter_linger_s,
             )
             await meter.start()  # replays what a previous run spooled, before seeding
-            metrics.seed(await ledger.counter_seed(gateway_id, now=clock.now()))
+            metrics.seed(gateway_id, await ledger.counter_seed(gateway_id, now=clock.now()))
             app.state.sluis = GatewayState(
                 settings=settings,
                 clock=clock,
@@ -138,21 +143,46 @@ def create_app(
             log.info("gateway ready: models %s", ", ".join(catalog.ids()) or "(none)")
             yield
         finally:
+            # One budget for everything after the request drain (README, "Shutdown"): each step
+            # runs even when one before it failed, none outlasts its share, and what the meter
+            # holds is in the ledger or the spool before the closes (0.3 of the budget) begin.
+            loop = asyncio.get_running_loop()
+            budget = settings.shutdown_flush_s
+            deadline = loop.time() + budget
+
+            def left(reserve: float = 0.0) -> float:
+                return max(0.0, deadline - reserve - loop.time())
+
+            async def step(name: str, work: Awaitable[object], limit_s: float) -> None:
+                task = asyncio.ensure_future(work)
+                task.add_done_callback(lambda t: t.cancelled() or t.exception())
+                done, _ = await asyncio.wait({task}, timeout=max(limit_s, 0.1))
+                if not done:
+                    task.cancel()  # not awaited: a step that resists it must not stall the rest
+                    log.error("shutdown: %s did not end within %.1fs", name, limit_s)
+                elif not task.cancelled() and task.exception() is not None:
+                    log.error("shutdown: %s failed", name, exc_info=task.exception())
+
             # Streams cut by the server's shutdown still write their usage records: wait for them.
-            if not await inflight.wait_idle(limit_s=5):
+            if not await inflight.wait_idle(limit_s=min(0.2 * budget, left())):
                 log.warning("%d requests still in flight at shutdown", inflight.count)
-            await quotas.aclose(drain_s=5)
+            await step("quota settles", quotas.aclose(drain_s=0.15 * budget), 0.2 * budget)
             if meter is not None:
-                await meter.aclose(drain_s=settings.shutdown_drain_s)
+                # Returns within drain + CANCEL_GRACE_S whatever the ledger does, never raises.
+                drain = max(0.0, left(0.3 * budget) - CANCEL_GRACE_S)
+                await step("usage meter", meter.aclose(drain_s=drain), drain + 2 * CANCEL_GRACE_S)
                 log.info("gateway stopped; %d usage records written", meter.written)
-            await the_upstream.aclose()
+            await step("upstream", the_upstream.aclose(), left())
             if listener is not None:
-                await listener.stop()
+                await step("metrics listener", listener.stop(), left())
             if own_provider and hasattr(provider, "shutdown"):
-                provider.shutdown()  # flushes spans still batched for export
+                try:
+                    provider.shutdown()  # flushes spans still batched for export
+                except Exception:
+                    log.exception("shutdown: tracing failed")
             if joined:
-                await instances.leave()
-            await database.dispose()
+                await step("instance registry", instances.leave(), left())
+            await step("database", database.dispose(), left())
 
     routes = [
         Route("/healthz", healthz, methods=["GET"]),
@@ -186,13 +216,16 @@ async def build_catalog(
                 owned_by=m.owned_by,
                 tokenizer=m.tokenizer,
                 max_output_tokens=m.max_output_tokens,
+                context_tokens=m.context_window(),
+                media_tokens=m.media_tokens,
+                media_urls=m.media_urls,
             )
             for m in settings.file.models
         )
     deadline = asyncio.get_running_loop().time() + upstream_config.connect_timeout_s * 6
     while True:
         try:
-            names = await upstream.list_models()
+            served = await upstream.list_models()
             break
         except UpstreamUnavailable as exc:
             if asyncio.get_running_loop().time() > deadline:
@@ -202,25 +235,46 @@ async def build_catalog(
                 ) from exc
             await asyncio.sleep(0.5)
     return ModelCatalog(
-        Model(id=name, task="embed" if "embed" in name else "generate", upstream_model=name)
-        for name in names
+        Model(
+            id=model.id,
+            task="embed" if "embed" in model.id else "generate",
+            upstream_model=model.id,
+            context_tokens=model.context_tokens,
+        )
+        for model in served
     )
 
 
 def resolve_admin_token(settings: Settings) -> str:
-    """`SLUIS_ADMIN_TOKEN`, or the one in the state folder, or a new one written there (0600)."""
+    """`SLUIS_ADMIN_TOKEN`, or the one in the state folder, or a new one written there (0600).
+
+    A token file that group or others may read is refused, not fixed: whoever could read it
+    may hold the token, and only the operator can tell whether that matters.
+    """
     if settings.admin_token is not None:
         return settings.admin_token.get_secret_value()
     path = admin_token_path(settings)
     if path.exists():
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            raise ConfigError(
+                f"{path}: the admin token file has mode {mode:o}, open to group or others; "
+                f"chmod 600 it if nobody else has read it, or delete it to have a new one made"
+            )
         token = path.read_text().strip()
         if len(token) >= 16:
             return token
     path.parent.mkdir(parents=True, exist_ok=True)
     token = "sluis-admin-" + secrets.token_urlsafe(32)
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "w") as out:
-        out.write(token + "\n")
+    # A new file (0600 from its creation) renamed over any old one, whose mode it never takes.
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(descriptor, "w") as out:
+            out.write(token + "\n")
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
     log.warning("generated an admin token in %s", path)
     return token
 

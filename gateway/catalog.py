@@ -19,6 +19,13 @@ class Model:
     owned_by: str = "sluis"
     tokenizer: str = "bytes"
     max_output_tokens: int = 4096
+    # The model's context window (vLLM's max_model_len), when known: a default cap never asks
+    # for more than it leaves after the prompt.
+    context_tokens: int | None = None
+    # Tokens reserved per image/audio/video part; None: the model reads text only.
+    media_tokens: int | None = None
+    # Whether media parts may be URLs the model server fetches (else only inline `data:` URLs).
+    media_urls: bool = False
 
 
 class ModelCatalog:

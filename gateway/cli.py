@@ -91,10 +91,18 @@ def _run_up(args: argparse.Namespace) -> int:
         args.config, host=args.host, port=args.port, metrics_port=args.metrics_port
     )
     if settings.upstream().kind == "ray":
-        from deployments.stack import StackOptions, run_stack
+        from deployments.stack import StackNotReady, StackOptions, run_stack
 
-        options = StackOptions(address=args.address, ray_metrics_port=args.ray_metrics_port)
-        return run_stack(settings, options)
+        options = StackOptions(
+            address=args.address,
+            ray_metrics_port=args.ray_metrics_port,
+            ready_timeout_s=args.ready_timeout,
+        )
+        try:
+            return run_stack(settings, options)
+        except StackNotReady as exc:
+            print(f"sluis up: not ready: {exc}", file=sys.stderr, flush=True)
+            return 1
     if args.address:
         raise ConfigError("--address: the config's upstream is not `kind: ray`")
     from gateway.serve import serve_up
@@ -144,11 +152,32 @@ SERVERS = (_run_gateway, _run_up, _run_fake_engine, _run_db_upgrade)
 
 
 def _admin(args: argparse.Namespace, method: str, path: str, **kwargs: Any) -> Any:
-    client = AdminClient.from_env(args.url, args.admin_token)
+    client = AdminClient.from_env(args.url, _admin_token(args))
     try:
         return client.call(method, path, **kwargs)
     finally:
         client.close()
+
+
+def _admin_token(args: argparse.Namespace) -> str | None:
+    """`--admin-token-file`, or `--admin-token` (which `ps` shows everyone: kept, with a warning),
+    or None: the client then takes $SLUIS_ADMIN_TOKEN or the state folder's file."""
+    if args.admin_token_file is not None:
+        try:
+            return args.admin_token_file.read_text().strip() or None
+        except OSError as exc:
+            raise AdminError(
+                f"cannot read the admin token file {args.admin_token_file}: {exc.strerror}",
+                exit_code=2,
+            ) from exc
+    if args.admin_token is not None:
+        print(
+            "sluis: warning: --admin-token shows the token to anyone who can list processes; "
+            "use --admin-token-file or $SLUIS_ADMIN_TOKEN",
+            file=sys.stderr,
+        )
+    token: str | None = args.admin_token
+    return token
 
 
 def _show(args: argparse.Namespace, payload: Any, columns: Sequence[str]) -> int:
@@ -182,9 +211,10 @@ def _tenants_update(args: argparse.Namespace) -> int:
     if args.status:
         body["status"] = args.status
     if args.quota:
-        current = _admin(args, "GET", f"/tenants/{args.tenant}")["quotas"]
-        body["quotas"] = _merge_quotas(current, args.quota)
-    return _show(args, _admin(args, "PATCH", f"/tenants/{args.tenant}", json=body), TENANT_COLUMNS)
+        body["quotas"] = _quota_patch(args.quota)
+    headers = None if args.if_match is None else {"if-match": f'"{args.if_match}"'}
+    payload = _admin(args, "PATCH", f"/tenants/{args.tenant}", json=body, headers=headers)
+    return _show(args, payload, TENANT_COLUMNS)
 
 
 def _tenants_status(status: str) -> Callable[[argparse.Namespace], int]:
@@ -204,25 +234,26 @@ def _tenants_quota(args: argparse.Namespace) -> int:
     return 0
 
 
-def _merge_quotas(current: dict[str, Any], settings: list[str]) -> dict[str, Any]:
-    """Apply `[MODEL/]FIELD=VALUE` settings (VALUE a number, or `none` for unlimited)."""
-    merged: dict[str, Any] = json.loads(json.dumps(current))
+def _quota_patch(settings: list[str]) -> dict[str, Any]:
+    """`[MODEL/]FIELD=VALUE` settings as a merge patch: the gateway merges it, so fields not
+    named here are kept, whatever another operator changed meanwhile."""
+    patch: dict[str, Any] = {}
     for setting in settings:
         name, sep, raw = setting.partition("=")
         if not sep:
             raise AdminError(f"--quota takes [MODEL/]FIELD=VALUE, got {setting!r}", exit_code=2)
         model, _, field = name.rpartition("/")
-        target = merged.setdefault("models", {}).setdefault(model, {}) if model else merged
+        target = patch.setdefault("models", {}).setdefault(model, {}) if model else patch
         if raw.lower() in ("none", "null", "unlimited"):
-            target[field] = None
+            target[field] = "unlimited"
         elif raw.lower() == "default":
-            target.pop(field, None)
+            target[field] = None  # null in a merge patch: removed, back to the default
         else:
             try:
                 target[field] = float(raw) if "." in raw else int(raw)
             except ValueError as exc:
                 raise AdminError(f"--quota {setting!r}: not a number", exit_code=2) from exc
-    return merged
+    return patch
 
 
 def _keys_create(args: argparse.Namespace) -> int:
@@ -388,6 +419,13 @@ def _parser() -> argparse.ArgumentParser:
         "--address", help="deploy onto this Ray cluster (default: $RAY_ADDRESS, else local Ray)"
     )
     up.add_argument("--ray-metrics-port", type=int, help="Ray's metrics endpoint (local Ray)")
+    up.add_argument(
+        "--ready-timeout",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="give up (exit 1, saying which deployment is not ready) after this long",
+    )
     up.set_defaults(run=_run_up)
 
     models = commands.add_parser("models", help="model checkpoints").add_subparsers(
@@ -412,7 +450,14 @@ def _parser() -> argparse.ArgumentParser:
 
     admin = argparse.ArgumentParser(add_help=False)
     admin.add_argument("--url", help="gateway URL (default $SLUIS_URL or http://127.0.0.1:8000)")
-    admin.add_argument("--admin-token", help="default $SLUIS_ADMIN_TOKEN")
+    token = admin.add_mutually_exclusive_group()
+    token.add_argument(
+        "--admin-token-file",
+        type=Path,
+        help="a file holding the admin token (default $SLUIS_ADMIN_TOKEN, else "
+        "$SLUIS_STATE_DIR/admin_token)",
+    )
+    token.add_argument("--admin-token", help="deprecated: visible in `ps`; use --admin-token-file")
     admin.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     tenants = commands.add_parser("tenants", help="manage tenants").add_subparsers(metavar="ACTION")
@@ -435,7 +480,14 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         metavar="[MODEL/]FIELD=VALUE",
         help="e.g. requests_per_minute=60, eur_per_month=250, tiny-chat/max_concurrent=4; "
-        "VALUE none = unlimited, default = back to the sluis.yaml default",
+        "VALUE unlimited (or none) = no limit whatever the default, default = back to the "
+        "sluis.yaml default; fields not named are left as they are",
+    )
+    update.add_argument(
+        "--if-match",
+        type=int,
+        metavar="VERSION",
+        help="apply only if the tenant is still at this version (`tenants get --json`)",
     )
     update.set_defaults(run=_tenants_update)
     quota = tenants.add_parser("quota", parents=[admin], help="limits and their current use")

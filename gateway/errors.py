@@ -9,7 +9,7 @@ SluisError
  ├── PayloadTooLarge         413 invalid_request_error
  ├── RateLimited             429 rate_limit_error (with Retry-After and x-ratelimit-* headers)
  ├── ClientClosedRequest     499 the client left before its request was read (nobody to tell)
- ├── UpstreamRejected        4xx passed on from the model server (its own status and message)
+ ├── UpstreamRejected        4xx passed on from the model server (its status; message sanitised)
  ├── UpstreamFailed          502 upstream_error
  ├── UpstreamTimeout         504 upstream_error
  └── ServiceUnavailable      503 service_unavailable_error (always with Retry-After)
@@ -100,9 +100,15 @@ class RateLimited(SluisError):
     default_code = "rate_limit_exceeded"
 
     def __init__(
-        self, message: str, *, code: str, retry_after: int, headers: dict[str, str]
+        self,
+        message: str,
+        *,
+        code: str,
+        retry_after: int,
+        headers: dict[str, str],
+        param: str | None = None,
     ) -> None:
-        super().__init__(message, code=code, retry_after=retry_after)
+        super().__init__(message, code=code, param=param, retry_after=retry_after)
         self._extra_headers = headers
 
     def headers(self) -> dict[str, str]:

@@ -1,7 +1,9 @@
 """A deterministic fake OpenAI-compatible engine, for fast tests and gateway benchmarks.
 
 Same input, same output: a prompt of N whitespace-separated words is N prompt tokens; the answer
-is `max_tokens` words (or the configured default) drawn from a fixed list. Directives inside the
+is `max_tokens` words drawn from a fixed list. Like vLLM, a request without `max_tokens` runs on
+to the context (unless a default is configured), `n` answers each prompt n times and a batch of
+prompts (`prompt: [..]`) is answered prompt by prompt, all counted in `usage`. Directives inside the
 prompt text steer it, so tests can provoke every path through the real gateway:
 
     [[fail:503]]        answer with that error status instead
@@ -56,7 +58,8 @@ class StreamBroken(Exception):
 class FakeEngineConfig:
     models: tuple[str, ...] = ("fake-chat", "fake-embed")
     embedding_models: tuple[str, ...] = ("fake-embed",)
-    default_max_tokens: int = 16
+    # None: to the end of the context, as vLLM does without max_tokens.
+    default_max_tokens: int | None = None
     max_context: int = 4096
     ttft_s: float = 0.0
     token_delay_s: float = 0.0
@@ -72,6 +75,8 @@ class _Plan:
     token_delay_s: float
     include_usage: bool
     continuous_usage: bool
+    # Answers per prompt (n) x prompts: the choices each token step produces.
+    choices: int = 1
     break_after: int | None = None
     error_after: int | None = None
     inputs: list[str] = field(default_factory=list)
@@ -118,16 +123,24 @@ class FakeEngine:
             status = int(float(directives["fail"]))
             raise FakeEngineError(status, f"Injected failure {status}.")
         prompt_tokens = sum(len(text.split()) for text in texts)
-        max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
-        wanted = int(max_tokens) if max_tokens else self.config.default_max_tokens
+        longest = max((len(text.split()) for text in texts), default=0)
+        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+        if max_tokens:
+            wanted = int(max_tokens)
+        elif self.config.default_max_tokens is not None:
+            wanted = self.config.default_max_tokens
+        else:
+            wanted = max(1, self.config.max_context - longest)
         if "tokens" in directives:
             wanted = min(wanted, int(float(directives["tokens"])))
-        if endpoint is not Endpoint.EMBEDDINGS and prompt_tokens + wanted > self.config.max_context:
+        if endpoint is not Endpoint.EMBEDDINGS and longest + wanted > self.config.max_context:
             raise FakeEngineError(
                 400,
                 f"This model's maximum context length is {self.config.max_context} tokens. "
-                f"However, you requested {prompt_tokens + wanted} tokens.",
+                f"However, you requested {longest + wanted} tokens.",
             )
+        n = body.get("n") or 1
+        prompts = len(texts) if endpoint is Endpoint.COMPLETIONS else 1
         seed = zlib.crc32(prompt.encode())
         words = [_WORDS[(seed + i) % len(_WORDS)] for i in range(wanted)]
         options = body.get("stream_options") or {}
@@ -142,6 +155,7 @@ class FakeEngine:
             break_after=int(directives["break-after"]) if "break-after" in directives else None,
             error_after=int(directives["error-after"]) if "error-after" in directives else None,
             inputs=texts,
+            choices=max(1, int(n)) * max(1, prompts),
         )
 
     async def complete(self, plan: _Plan) -> dict[str, Any]:
@@ -154,17 +168,23 @@ class FakeEngine:
         if plan.break_after is not None or plan.error_after is not None:
             raise FakeEngineError(500, "Injected failure while generating.")
         text = " ".join(plan.words)
-        usage = _usage(plan.prompt_tokens, len(plan.words))
+        usage = _usage(plan.prompt_tokens, len(plan.words) * plan.choices)
         finish = "length"
         if plan.endpoint is Endpoint.CHAT:
-            choice: dict[str, Any] = {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "finish_reason": finish,
-            }
-            return _envelope("chat.completion", plan.model, [choice], usage)
-        choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
-        return _envelope("text_completion", plan.model, [choice], usage)
+            choices: list[dict[str, Any]] = [
+                {
+                    "index": index,
+                    "message": {"role": "assistant", "content": text},
+                    "finish_reason": finish,
+                }
+                for index in range(plan.choices)
+            ]
+            return _envelope("chat.completion", plan.model, choices, usage)
+        choices = [
+            {"index": index, "text": text, "finish_reason": finish, "logprobs": None}
+            for index in range(plan.choices)
+        ]
+        return _envelope("text_completion", plan.model, choices, usage)
 
     async def stream(self, plan: _Plan) -> AsyncGenerator[bytes, None]:
         self.running += 1
@@ -207,13 +227,20 @@ class FakeEngine:
                 piece = word if count == 1 else " " + word
                 last = count == len(plan.words)
                 finish = "length" if last else None
-                choice: dict[str, Any] = (
-                    {"index": 0, "delta": {"content": piece}, "finish_reason": finish}
-                    if chat
-                    else {"index": 0, "text": piece, "finish_reason": finish, "logprobs": None}
-                )
-                usage = _usage(plan.prompt_tokens, count) if plan.continuous_usage else None
-                yield _chunk(ident, kind, plan.model, choice, usage)
+                for index in range(plan.choices):
+                    choice: dict[str, Any] = (
+                        {"index": index, "delta": {"content": piece}, "finish_reason": finish}
+                        if chat
+                        else {
+                            "index": index,
+                            "text": piece,
+                            "finish_reason": finish,
+                            "logprobs": None,
+                        }
+                    )
+                    done = (count - 1) * plan.choices + index + 1
+                    usage = _usage(plan.prompt_tokens, done) if plan.continuous_usage else None
+                    yield _chunk(ident, kind, plan.model, choice, usage)
             if plan.include_usage:
                 yield orjson.dumps(
                     {
@@ -222,7 +249,7 @@ class FakeEngine:
                         "created": 0,
                         "model": plan.model,
                         "choices": [],
-                        "usage": _usage(plan.prompt_tokens, len(plan.words)),
+                        "usage": _usage(plan.prompt_tokens, len(plan.words) * plan.choices),
                     }
                 )
             yield DONE

@@ -20,7 +20,11 @@ def create_fake_server(engine: FakeEngine | None = None) -> Starlette:
     traceparents: list[str] = []
 
     async def models(_: Request) -> Response:
-        data = [{"id": name, "object": "model", "owned_by": "fake"} for name in engine.models()]
+        context = engine.config.max_context
+        data = [
+            {"id": name, "object": "model", "owned_by": "fake", "max_model_len": context}
+            for name in engine.models()
+        ]
         return _json({"object": "list", "data": data})
 
     def handler(endpoint: Endpoint):  # type: ignore[no-untyped-def]

@@ -16,6 +16,7 @@ from gateway.tenancy.ledger import CounterSeed
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
+METER_FAILURE_REASONS = ("unavailable", "timeout", "error")
 
 
 def status_class(status: int) -> str:
@@ -28,26 +29,32 @@ class Metrics:
         r = self.registry
         self.requests = Counter(
             "sluis_requests",
-            "Requests forwarded upstream, by tenant, model, status class and billing period.",
-            ["tenant", "model", "status", "period"],
+            "Requests forwarded upstream, by tenant, model, status class, billing period and "
+            "gateway.",
+            ["tenant", "model", "status", "period", "gateway"],
             registry=r,
         )
         self.tokens = Counter(
             "sluis_tokens",
-            "Tokens metered, by tenant, model, kind (prompt|completion) and billing period.",
-            ["tenant", "model", "kind", "period"],
+            "Tokens metered, by tenant, model, kind (prompt|completion), billing period and "
+            "gateway.",
+            ["tenant", "model", "kind", "period", "gateway"],
             registry=r,
         )
         self.cost = Counter(
             "sluis_cost_micro_eur",
-            "What the price book charged, in micro-euros (integers: exact), by tenant, model "
-            "and billing period.",
-            ["tenant", "model", "period"],
+            "What the price book charged, in micro-euros (integers: exact), by tenant, model, "
+            "billing period and gateway.",
+            ["tenant", "model", "period", "gateway"],
             registry=r,
         )
         # Billing counters carry the period (UTC month) their requests were metered in, so an
         # invoice reads each period's own series: exact at the boundary whenever it is scraped.
-        # A period's series stay exported through the next period, then are dropped.
+        # A period's series stay exported through the next period, then are dropped. They also
+        # carry the gateway id (`SLUIS_GATEWAY_ID`, one value per gateway process) whose ledger
+        # records they start from: an invoice takes each gateway's latest value, whatever scrape
+        # `instance` it came from, so a restart on a new address is not counted twice.
+        self.gateway = ""
         self._period_series: dict[str, set[tuple[Counter, tuple[str, ...]]]] = {}
         self.request_duration = Histogram(
             "sluis_request_duration_seconds",
@@ -121,6 +128,28 @@ class Metrics:
             ["mode", "operation"],
             registry=r,
         )
+        self.meter_write_failures = Counter(
+            "sluis_meter_write_failures",
+            "Ledger writes of usage records that failed (the records are held and retried), by "
+            "reason: unavailable (the database cannot be reached), timeout (a write outlasted "
+            "its limit), error (anything else: a bug or a schema mismatch).",
+            ["reason"],
+            registry=r,
+        )
+        for reason in METER_FAILURE_REASONS:
+            self.meter_write_failures.labels(reason)
+        self.meter_pending = Gauge(
+            "sluis_meter_pending_records",
+            "Usage records not yet in the ledger, by where they wait (memory|spool).",
+            ["where"],
+            registry=r,
+        )
+        self.meter_set_aside = Counter(
+            "sluis_meter_set_aside_records",
+            "Spool lines that are not usage records (truncated by a crash, malformed), moved to "
+            "the file <spool>.rejected for an operator to look at.",
+            registry=r,
+        )
 
     def register_models(self, model_ids: Sequence[str], upstream: str) -> None:
         """The catalog's models, and a zero series for each so that dashboards show an idle
@@ -129,9 +158,12 @@ class Metrics:
             self.model_info.labels(model, upstream).set(1)
             self.queue_depth.labels(model).set(0)
 
-    def seed(self, totals: Sequence[CounterSeed]) -> None:
-        """Start the counters where this gateway's ledger records leave them, so a restart is
-        no counter reset: Prometheus' increase() then loses nothing across it."""
+    def seed(self, gateway: str, totals: Sequence[CounterSeed]) -> None:
+        """Label the billing counters with `gateway` and start them where that gateway's ledger
+        records (`totals`) leave them, so a restart is no counter reset: Prometheus'
+        increase() then loses nothing across it, and an invoice's latest value per gateway is
+        its whole usage."""
+        self.gateway = gateway
         for seed in sorted(totals, key=lambda seed: seed.period):
             self.count(
                 seed.tenant,
@@ -159,11 +191,12 @@ class Metrics:
         series = self._period_series.get(period)
         if series is None:
             series = self._start_period(period)
+        gw = self.gateway
         counts = (
-            (self.requests, (tenant, model, status_class(status), period), requests),
-            (self.tokens, (tenant, model, "prompt", period), prompt),
-            (self.tokens, (tenant, model, "completion", period), completion),
-            (self.cost, (tenant, model, period), cost_micro_eur),
+            (self.requests, (tenant, model, status_class(status), period, gw), requests),
+            (self.tokens, (tenant, model, "prompt", period, gw), prompt),
+            (self.tokens, (tenant, model, "completion", period, gw), completion),
+            (self.cost, (tenant, model, period, gw), cost_micro_eur),
         )
         for counter, labels, amount in counts:
             if amount or counter is self.requests:

@@ -15,6 +15,10 @@ from gateway.keys import looks_like_tenant_key
 _ACTOR = re.compile(r"^[A-Za-z0-9._@-]{1,64}$")
 
 
+def new_request_id() -> str:
+    return "req_" + os.urandom(16).hex()  # uuid4 without its object: the same 32 hex digits
+
+
 class RequestIdMiddleware:
     """Gives every request an id (`req_...`), kept in `scope["state"]`, sent as `x-request-id`."""
 
@@ -25,7 +29,7 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        rid = "req_" + os.urandom(16).hex()  # uuid4 without its object: the same 32 hex digits
+        rid = new_request_id()
         scope.setdefault("state", {})["request_id"] = rid
         header = (b"x-request-id", rid.encode())
 

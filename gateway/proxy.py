@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Iterator
 from contextlib import AsyncExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import anyio
 import orjson
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind
@@ -20,14 +23,18 @@ from gateway.admission import AdmissionRequest, Admitted
 from gateway.auth import Principal
 from gateway.body import parse_json_object, read_limited_body
 from gateway.catalog import Model
-from gateway.errors import PermissionDenied, SluisError, UpstreamUnavailable
-from gateway.payloads import ChatRequest, CompletionRequest, validate_payload
+from gateway.errors import PermissionDenied, SluisError, UpstreamRejected, UpstreamUnavailable
+from gateway.fields import check_min_tokens, govern_fields
+from gateway.generation import Generation, plan_generation
+from gateway.payloads import validate_payload
 from gateway.state import GatewayState, gateway_state, request_id
 from gateway.streaming import StreamMeter, StreamRelay, StreamResult
 from gateway.tracing import propagation_headers
 from gateway.upstreams.base import Endpoint, UpstreamCall
 from gateway.upstreams.http import reply_error
 from gateway.usage import Outcome, UsageRecord
+
+log = logging.getLogger("sluis.proxy")
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +46,7 @@ class _Context:
     request_id: str
     started: float
     admitted: Admitted
+    generation: Generation
 
 
 async def list_models(request: Request) -> Response:
@@ -75,11 +83,9 @@ async def _forward(request: Request, endpoint: Endpoint) -> Response | StreamRel
             code="model_not_allowed",
             param="model",
         )
-    max_tokens = None
-    if isinstance(payload, ChatRequest):
-        max_tokens = payload.max_completion_tokens or payload.max_tokens
-    elif isinstance(payload, CompletionRequest):
-        max_tokens = payload.max_tokens
+    govern_fields(endpoint, body, model)
+    generation = plan_generation(endpoint, body, model)
+    check_min_tokens(body)
     rid = request_id(request)
     with state.tracer.start_as_current_span("sluis.admission"):
         admitted = await state.admission.admit(
@@ -88,11 +94,10 @@ async def _forward(request: Request, endpoint: Endpoint) -> Response | StreamRel
                 model=model,
                 request_id=rid,
                 endpoint=endpoint,
-                body=body,
-                max_completion_tokens=max_tokens,
+                generation=generation,
             )
         )
-    ctx = _Context(state, principal, model, endpoint, rid, started, admitted)
+    ctx = _Context(state, principal, model, endpoint, rid, started, admitted, generation)
     body["model"] = model.upstream_model
     if payload.stream:
         options = payload.stream_options
@@ -103,9 +108,12 @@ async def _forward(request: Request, endpoint: Endpoint) -> Response | StreamRel
         if state.upstream_config.continuous_usage:
             stream_options["continuous_usage_stats"] = True
         body["stream_options"] = stream_options
-        return await _stream(
-            ctx, body, StreamMeter(wants_usage=wants_usage, wants_continuous_usage=wants_continuous)
+        meter = StreamMeter(
+            wants_usage=wants_usage,
+            wants_continuous_usage=wants_continuous,
+            prompt_floor=generation.prompt_tokens,
         )
+        return await _stream(ctx, body, meter)
     return await _complete(ctx, body)
 
 
@@ -113,34 +121,27 @@ async def _complete(ctx: _Context, body: dict[str, Any]) -> Response:
     state = ctx.state
     _enter(ctx)
     span = _model_span(ctx, body, streamed=False)
-    prompt = completion = 0
+    ending = _Ending(ctx)
     try:
-        try:
-            state.metrics.gateway_overhead.observe(state.clock.monotonic() - ctx.started)
-            with trace.use_span(span, end_on_exit=False):
-                call = UpstreamCall(ctx.endpoint, body, ctx.request_id, propagation_headers())
-            with _queued(ctx):
-                reply = await state.upstream.send(call)
-            if reply.status != 200:
-                raise reply_error(reply)
-        except SluisError as exc:
-            span.set_status(trace.StatusCode.ERROR, exc.code)
-            await _refused(ctx, exc)
-            raise
-        prompt, completion, exact = _usage_of(reply.body)
-        _meter(
-            ctx,
-            prompt,
-            completion,
-            exact=exact,
-            status=200,
-            outcome="ok",
-            ttft=state.clock.monotonic(),
-        )
-        await _settle(ctx, prompt, completion)
+        state.metrics.gateway_overhead.observe(state.clock.monotonic() - ctx.started)
+        with trace.use_span(span, end_on_exit=False):
+            call = UpstreamCall(ctx.endpoint, body, ctx.request_id, propagation_headers())
+        with _queued(ctx):
+            ending.sent()
+            reply = await state.upstream.send(call)
+        if reply.status != 200:
+            raise reply_error(reply)
+        ending.answered(*_usage_of(reply.body), ttft=state.clock.monotonic())
+    except BaseException as exc:
+        ending.failed(exc)
+        span.set_status(trace.StatusCode.ERROR, ending.code)
+        raise
     finally:
-        _end_model_span(span, prompt, completion)
-        _leave(ctx)
+        _end_model_span(span, ending.prompt, ending.completion)
+        try:
+            await ending.close()
+        finally:
+            _leave(ctx)
     return Response(reply.body, media_type="application/json", headers=ctx.admitted.headers)
 
 
@@ -151,13 +152,18 @@ async def _stream(ctx: _Context, body: dict[str, Any], meter: StreamMeter) -> St
     span = _model_span(ctx, body, streamed=True)
     with trace.use_span(span, end_on_exit=False):
         call = UpstreamCall(ctx.endpoint, body, ctx.request_id, propagation_headers())
+    ending = _Ending(ctx)
     try:
         with _queued(ctx):
+            ending.sent()
             events = await resources.enter_async_context(state.upstream.stream(call))
-    except SluisError as exc:
-        span.set_status(trace.StatusCode.ERROR, exc.code)
-        _end_model_span(span, 0, 0)
-        await _refused(ctx, exc)
+    except BaseException as exc:
+        ending.failed(exc)
+        span.set_status(trace.StatusCode.ERROR, ending.code)
+        _end_model_span(span, ending.prompt, ending.completion)
+        with anyio.CancelScope(shield=True):
+            await resources.aclose()
+            await ending.close()
         raise
     _enter(ctx)
     # The streaming phase: from the model's first answer to the client's last byte.
@@ -194,7 +200,68 @@ async def _stream(ctx: _Context, body: dict[str, Any], meter: StreamMeter) -> St
         headers=ctx.admitted.headers,
         clock=state.clock,
         on_finish=finish,
+        idle_timeout_s=state.settings.stream_idle_timeout_s,
     )
+
+
+class _Ending:
+    """How a request that was admitted ended: metered and settled once, on every path.
+
+    Billing policy: a request the engine took on is billed at least its prompt (the engine's
+    count, else the gateway's upper-bound estimate), also when it failed or timed out while
+    generating, or the client left; one the engine refused (4xx) or never received (unreachable,
+    an error in the gateway before sending) costs nothing but is on record as an error.
+    """
+
+    def __init__(self, ctx: _Context) -> None:
+        self._ctx = ctx
+        self._reached = False
+        self._closed = False
+        self.prompt = self.completion = 0
+        self.exact = True
+        self.status = 500
+        self.outcome: Outcome = "error"
+        self.code = "internal_error"
+        self.ttft: float | None = None
+
+    def sent(self) -> None:
+        self._reached = True
+
+    def answered(self, prompt: int, completion: int, exact: bool, *, ttft: float) -> None:
+        if not exact:  # no readable usage in a whole answer: at least the prompt
+            prompt = max(prompt, self._ctx.generation.prompt_tokens)
+        self.prompt, self.completion, self.exact = prompt, completion, exact
+        self.status, self.outcome, self.ttft = 200, "ok", ttft
+
+    def failed(self, exc: BaseException) -> None:
+        worked = self._reached
+        if isinstance(exc, SluisError):
+            self.status, self.code = exc.status_code, exc.code
+            worked = worked and not isinstance(exc, UpstreamRejected | UpstreamUnavailable)
+            self.outcome = "error"
+        elif isinstance(exc, asyncio.CancelledError):
+            self.status, self.code, self.outcome = 499, "client_closed_request", "cancelled"
+        else:
+            log.exception("request %s failed in the gateway", self._ctx.request_id)
+            worked = False  # our own failure: the engine's work, if any, is not billed
+        if worked:
+            self.prompt, self.exact = self._ctx.generation.prompt_tokens, False
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with anyio.CancelScope(shield=True):
+            _meter(
+                self._ctx,
+                self.prompt,
+                self.completion,
+                exact=self.exact,
+                status=self.status,
+                outcome=self.outcome,
+                ttft=self.ttft,
+            )
+            await _settle(self._ctx, self.prompt, self.completion)
 
 
 _OPERATIONS = {
@@ -248,14 +315,6 @@ def _enter(ctx: _Context) -> None:
 def _leave(ctx: _Context) -> None:
     ctx.state.inflight.leave()
     ctx.state.metrics.inflight.labels(ctx.principal.tenant.name, ctx.model.id).dec()
-
-
-async def _refused(ctx: _Context, exc: SluisError) -> None:
-    """The upstream refused or failed before answering: meter that (no tokens), settle."""
-    if not isinstance(exc, UpstreamUnavailable):
-        # It was reached, so the attempt is on record; an unreachable upstream did no work.
-        _meter(ctx, 0, 0, exact=True, status=exc.status_code, outcome="error", ttft=None)
-    await _settle(ctx, 0, 0)
 
 
 def _meter(
@@ -337,13 +396,21 @@ async def _settle(ctx: _Context, prompt: int, completion: int) -> None:
 
 
 def _usage_of(body: bytes) -> tuple[int, int, bool]:
+    """The upstream's count from a whole answer; (0, 0, False) when it has none it can read."""
     try:
         usage = orjson.loads(body).get("usage")
     except (orjson.JSONDecodeError, AttributeError):
         return 0, 0, False
     if not isinstance(usage, dict):
         return 0, 0, False
-    return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0), True
+    prompt, completion = usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0
+    if not _count(prompt) or not _count(completion):
+        return 0, 0, False
+    return prompt, completion, True
+
+
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _json(payload: object, status: int = 200) -> Response:

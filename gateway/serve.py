@@ -18,7 +18,7 @@ from gateway.app import admin_token_path, create_app
 from gateway.errors import Conflict
 from gateway.fake_engine import FakeEngine, FakeEngineConfig
 from gateway.fake_server import create_fake_server
-from gateway.http_protocol import CoalescingHttpToolsProtocol
+from gateway.http_protocol import guarded_protocol
 from gateway.settings import ConfigError, Settings
 from gateway.state import GatewayState
 from gateway.upstreams.fake import FakeUpstream
@@ -54,18 +54,44 @@ class _Server(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
-def server_for(app: Starlette, host: str, port: int, *, drain_s: float = 30.0) -> uvicorn.Server:
+def server_for(
+    app: Starlette,
+    host: str,
+    port: int,
+    *,
+    drain_s: float = 30.0,
+    header_timeout_s: float | None = None,
+    body_timeout_s: float | None = None,
+    max_connections: int | None = None,
+) -> uvicorn.Server:
+    """A uvicorn server on the gateway's HTTP protocol; the limits (None: none) are explained
+    in `gateway/http_protocol.py`."""
     config = uvicorn.Config(
         app,
         host=host,
         port=port,
         loop="uvloop",
-        http=CoalescingHttpToolsProtocol,
+        http=guarded_protocol(header_timeout_s=header_timeout_s, body_timeout_s=body_timeout_s),
+        ws="none",  # nothing here speaks WebSocket: no upgrade for a client to try
+        limit_concurrency=max_connections,
         access_log=False,
         log_level="warning",
         timeout_graceful_shutdown=int(drain_s) or None,
     )
     return _Server(config)
+
+
+def gateway_server(app: Starlette, settings: Settings) -> uvicorn.Server:
+    """The gateway's server, with the drain and client limits its settings give."""
+    return server_for(
+        app,
+        settings.host,
+        settings.port,
+        drain_s=settings.shutdown_drain_s,
+        header_timeout_s=settings.request_header_timeout_s,
+        body_timeout_s=settings.request_body_timeout_s,
+        max_connections=settings.max_client_connections,
+    )
 
 
 def refuse_taken_port(host: str, port: int) -> None:
@@ -81,7 +107,7 @@ async def serve_gateway(settings: Settings) -> None:
     refuse_taken_port(settings.host, settings.port)
     app = create_app(settings)
     print(f"sluis gateway on http://{settings.host}:{settings.port}", flush=True)
-    await server_for(app, settings.host, settings.port, drain_s=settings.shutdown_drain_s).serve()
+    await gateway_server(app, settings).serve()
 
 
 async def serve_up(settings: Settings) -> None:
@@ -93,7 +119,7 @@ async def serve_up(settings: Settings) -> None:
     if config.kind == "http" and not config.url:
         upstream = FakeUpstream()
     app = create_app(settings, upstream=upstream)
-    server = server_for(app, settings.host, settings.port, drain_s=settings.shutdown_drain_s)
+    server = gateway_server(app, settings)
     serving = asyncio.create_task(server.serve())
     while not server.started and not serving.done():  # noqa: ASYNC110 - uvicorn has no event
         await asyncio.sleep(0.05)

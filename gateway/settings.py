@@ -87,6 +87,14 @@ class ModelConfig(_Strict):
     tokenizer: Literal["whitespace", "bytes"] = "bytes"
     # What a request without max_tokens may generate at most: its reservation.
     max_output_tokens: int = Field(default=4096, ge=1)
+    # The context window in tokens; unset, `engine.max_model_len` when given. A request without
+    # max_tokens is capped at what the context leaves after its prompt.
+    context_tokens: int | None = Field(default=None, ge=2)
+    # Multimodal input: tokens reserved per image/audio/video part (unset: text only, such
+    # parts are refused), and whether parts may be URLs the model server would fetch (SSRF
+    # from the model network: off unless the operator opts in; inline `data:` URLs always work).
+    media_tokens: int | None = Field(default=None, ge=1)
+    media_urls: bool = False
     # The rest describes how `upstream.kind: ray` runs the model (deployments/).
     # vllm: vLLM's engine in a Ray Serve deployment; fake: the deterministic fake engine.
     backend: Literal["vllm", "fake"] = "vllm"
@@ -112,6 +120,23 @@ class ModelConfig(_Strict):
         if self.replicas is not None and self.autoscaling is not None:
             raise ValueError("set either replicas or autoscaling, not both")
         return self
+
+    @model_validator(mode="after")
+    def _output_fits_the_context(self) -> ModelConfig:
+        context = self.context_window()
+        if context is not None and self.task == "generate" and self.max_output_tokens >= context:
+            raise ValueError(
+                f"max_output_tokens ({self.max_output_tokens}) must be below the context "
+                f"window ({context})"
+            )
+        return self
+
+    def context_window(self) -> int | None:
+        """`context_tokens`, else vLLM's `engine.max_model_len`, else unknown."""
+        if self.context_tokens is not None:
+            return self.context_tokens
+        value = self.engine.get("max_model_len")
+        return value if isinstance(value, int) and value > 1 else None
 
 
 class FileConfig(_Strict):
@@ -186,12 +211,29 @@ class Settings(BaseSettings):
     metrics_port: int = Field(default=9464, ge=0, le=65535)
     quota_fail_mode: Literal["open", "closed"] | None = None
     quota_timeout_s: float = Field(default=0.25, gt=0)
+    # Settles run after the answer has gone out: they may wait longer than an admission.
+    quota_settle_timeout_s: float = Field(default=2.0, gt=0)
     # How long a reservation or concurrency lease lives if its gateway never settles it.
     quota_lease_s: float = Field(default=900.0, gt=0)
     # With Redis: admit most requests from allowances, shares of the limits taken from Redis a
     # bucket (1 s) at a time (`quotas/allowances.py`); off, every admission is a Redis call.
     quota_allowances: bool = True
     shutdown_drain_s: float = Field(default=30.0, ge=0)
+    # After the request drain, the one budget of everything else shutdown does: wait for cut
+    # streams' records, settle quotas, write usage to the ledger or else the spool, close. The
+    # whole stop fits in shutdown_drain_s + shutdown_flush_s (README, "Shutdown").
+    shutdown_flush_s: float = Field(default=10.0, ge=1)
+    # A stream whose client reads nothing for this long is ended (its slot and the engine
+    # freed): a slow reader cannot hold a stream, and its reservation, open for ever.
+    stream_idle_timeout_s: float = Field(default=60.0, gt=0)
+    # Slow clients (slowloris): a request's head must arrive within this long of the connection
+    # opening (or of its first byte on a kept-alive connection), its body within this long of
+    # the head; else 408 and the connection closed. Connections that send nothing close too.
+    request_header_timeout_s: float = Field(default=10.0, gt=0)
+    request_body_timeout_s: float = Field(default=30.0, gt=0)
+    # Connections open, or requests running, at once; requests over it get a 503 at once. Keep
+    # it under the process's open-file limit (each request also holds an upstream connection).
+    max_client_connections: int = Field(default=2048, ge=1)
     # Ray nodes the gateway replica may run on (e.g. the head node a load balancer points at),
     # as JSON: SLUIS_GATEWAY_NODE_LABELS='{"sluis.eu/role": "gateway"}'.
     gateway_node_labels: dict[str, str] = Field(default_factory=dict)

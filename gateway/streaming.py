@@ -9,6 +9,7 @@ chunks it received. A stream that breaks or reports an error ends with an error 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ from gateway.errors import SluisError, UpstreamFailed
 from gateway.upstreams.base import DONE
 from gateway.upstreams.sse import encode_event
 from gateway.usage import Outcome
+
+log = logging.getLogger("sluis.streaming")
 
 _DONE_EVENT = encode_event(DONE)
 
@@ -40,11 +43,16 @@ class StreamResult:
 class StreamMeter:
     """Rewrites each upstream event for the client and keeps the usage delivered so far."""
 
-    def __init__(self, *, wants_usage: bool, wants_continuous_usage: bool) -> None:
+    def __init__(
+        self, *, wants_usage: bool, wants_continuous_usage: bool, prompt_floor: int = 0
+    ) -> None:
         self._wants_usage = wants_usage
         self._wants_continuous = wants_continuous_usage
-        self._pending: tuple[int, int, bool] = (0, 0, False)
-        self.prompt_tokens = 0
+        # The engine took the stream on: until it reports usage, the prompt's estimate counts
+        # (a stream cut during prefill, or an upstream without continuous usage, still pays it).
+        self._floor = prompt_floor
+        self._pending: tuple[int, int, bool] = (prompt_floor, 0, False)
+        self.prompt_tokens = prompt_floor
         self.completion_tokens = 0
         self.usage_exact = False
         self._chunks_with_content = 0
@@ -74,14 +82,10 @@ class StreamMeter:
         has_content = bool(choices) and any(_has_content(choice) for choice in choices)
         if has_content:
             self._chunks_with_content += 1
-        if isinstance(usage, dict):
-            self._pending = (
-                int(usage.get("prompt_tokens") or 0),
-                int(usage.get("completion_tokens") or 0),
-                True,
-            )
+        if isinstance(usage, dict) and _counts(usage):
+            self._pending = (usage.get("prompt_tokens") or 0, usage["completion_tokens"], True)
         elif not self._pending[2]:
-            self._pending = (0, self._chunks_with_content, False)
+            self._pending = (self._floor, self._chunks_with_content, False)
         if not choices and usage is not None and "choices" in chunk:
             # The final usage-only chunk: the client gets it only if it asked.
             self.commit()
@@ -117,7 +121,9 @@ class StreamRelay:
         headers: dict[str, str],
         clock: Clock,
         on_finish: Callable[[StreamResult], Awaitable[None]],
+        idle_timeout_s: float = 60.0,
     ) -> None:
+        self._idle_timeout_s = idle_timeout_s
         self._events = events
         self._resources = resources
         self._meter = meter
@@ -147,11 +153,23 @@ class StreamRelay:
                         out = meter.rewrite(data)
                         if out is None:
                             continue
-                        await send({"type": "http.response.body", "body": out, "more_body": True})
+                        # A client that stops reading blocks this send once the buffers are
+                        # full; past the limit it is let go (its slot and the engine freed).
+                        with anyio.move_on_after(self._idle_timeout_s) as reading:
+                            await send(
+                                {"type": "http.response.body", "body": out, "more_body": True}
+                            )
+                        if reading.cancelled_caught:
+                            log.info(
+                                "stream ended: its client read nothing for %.0f s",
+                                self._idle_timeout_s,
+                            )
+                            disconnected = True
+                            break
                         meter.commit()
                         if first_token_at is None and meter.note_first_token():
                             first_token_at = self._clock.monotonic()
-                    if not meter.done and not meter.errored:
+                    if not meter.done and not meter.errored and not disconnected:
                         raise UpstreamFailed("The model server's stream ended before [DONE].")
                 except SluisError as exc:
                     meter.errored = True
@@ -199,6 +217,14 @@ async def _watch_disconnect(
             client_gone.set()
             scope.cancel()
             return
+
+
+def _counts(usage: dict[str, Any]) -> bool:
+    """Whether a usage object carries counts the gateway can bill (malformed ones do not)."""
+    return all(
+        isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        for value in (usage.get("prompt_tokens") or 0, usage.get("completion_tokens"))
+    )
 
 
 def _has_content(choice: Any) -> bool:

@@ -7,8 +7,8 @@ Two targets, one after the other (never both up at once), on the same tiny-chat 
 
 Both engines get the same `VLLM_CPU_KVCACHE_SPACE` and `VLLM_CPU_OMP_THREADS_BIND` (vLLM's
 default `auto` unless that variable is set here). The same closed-loop load goes to each:
-`/v1/completions` of `max_tokens` tokens with `ignore_eos` (every request yields exactly that
-many), streaming and not, at each concurrency; each batch is repeated and medians are reported.
+`/v1/completions` of `max_tokens` tokens with `min_tokens` as large (every request yields exactly
+that many), streaming and not, at each concurrency; each batch is repeated and medians are reported.
 Per request: TTFT (first chunk carrying text; streaming only), latency, output tokens from
 `usage`, TPOT = (latency - TTFT) / (tokens - 1), and how many chunks carried text (fewer than
 tokens: the server merged outputs, so TPOT shrinks and TTFT grows). Any non-200 answer, transport
@@ -75,7 +75,7 @@ class Load:
             "model": MODEL,
             "prompt": PROMPT,
             "max_tokens": self.max_tokens,
-            "ignore_eos": True,
+            "min_tokens": self.max_tokens,
             "temperature": 0.0,
         }
         if self.stream:
@@ -108,7 +108,7 @@ class Batch:
     wall_s: float
     output_tokens: int
     tokens_per_s: float
-    short_requests: int  # fewer output tokens than max_tokens: ignore_eos not honoured
+    short_requests: int  # fewer output tokens than max_tokens: min_tokens not honoured
     latency_p50_s: float
     ttft_p50_s: float | None
     ttft_p95_s: float | None

@@ -252,7 +252,7 @@ class BatchJob(TenantUser):
             "model": self.options.sluis_chat_model,
             "prompt": "Report of the meeting of the water board:",
             "max_tokens": 256,
-            "ignore_eos": True,
+            "min_tokens": 256,  # every answer runs to its cap
             "stream": True,
             "stream_options": {"include_usage": True},
         }

@@ -49,7 +49,7 @@ async def _generate(session: aiohttp.ClientSession, spec: SweepSpec, due: float)
         "model": spec.model,
         "messages": [{"role": "user", "content": PROMPT}],
         "max_tokens": spec.max_tokens,
-        "ignore_eos": True,
+        "min_tokens": spec.max_tokens,  # every answer runs to its cap
         "stream": True,
         "stream_options": {"include_usage": True},
     }

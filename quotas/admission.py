@@ -20,9 +20,9 @@ from billing.prices import PriceBook
 from gateway.admission import AdmissionRequest, Admitted
 from gateway.clock import Clock
 from gateway.errors import RateLimited, StoreUnavailable
+from gateway.generation import Generation
 from gateway.metrics import Metrics
 from gateway.tenancy.records import Tenant
-from gateway.tokens import count_prompt_tokens
 from quotas.checks import Check, CheckState, Decision, Kind
 from quotas.plan import Usage, actual_costs, plan_checks, scoped_checks, with_costs
 from quotas.policy import QuotaPolicy, effective_policy
@@ -101,18 +101,16 @@ class QuotaAdmission:
         templates = self._plan(tenant, model.id, now)
         if not templates:
             return Admitted()  # no limits: nothing to count, no store call
-        prompt = count_prompt_tokens(request.endpoint, request.body, model.tokenizer)
-        completion = request.max_completion_tokens or model.max_output_tokens
-        if request.endpoint.value == "embeddings":
-            completion = 0
-        checks = with_costs(templates, Usage(prompt, completion), self._prices, model.id, now)
+        generation = request.generation
+        usage = Usage(generation.prompt_tokens, generation.completion_tokens)
+        checks = with_costs(templates, usage, self._prices, model.id, now)
         try:
             decision = await self._store.admit(checks, request.request_id, now.timestamp())
         except (StoreFailure, TimeoutError) as exc:
             self._store_failed(self.policy_for(tenant), "admit", exc)
             return Admitted()
         if not decision.allowed:
-            raise self._refusal(checks, decision, tenant.name)
+            raise self._refusal(checks, decision, tenant.name, generation, model.id, now)
         self._metrics.quota_admissions.labels("allowance" if decision.local else "store").inc()
         self._show_budgets(tenant, checks, decision.states)
         return Admitted(
@@ -204,7 +202,7 @@ class QuotaAdmission:
 
     def _store_failed(self, policy: QuotaPolicy, operation: str, exc: Exception) -> None:
         """The one place where a store failure becomes a decision."""
-        mode = self._fail_mode or ("closed" if policy.has_budget() else "open")
+        mode = self._fail_mode or ("closed" if policy.has_any_budget() else "open")
         self._metrics.quota_store_failures.labels(mode, operation).inc()
         log.warning("quota store failed (%s): failing %s", exc or type(exc).__name__, mode)
         if mode == "closed":
@@ -222,12 +220,22 @@ class QuotaAdmission:
                 used = (state.used + state.reserved) / check.limit
                 self._metrics.budget_used_ratio.labels(tenant.name, check.limit_name).set(used)
 
-    def _refusal(self, checks: list[Check], decision: Decision, tenant: str) -> RateLimited:
+    def _refusal(
+        self,
+        checks: list[Check],
+        decision: Decision,
+        tenant: str,
+        generation: Generation,
+        model_id: str,
+        now: datetime,
+    ) -> RateLimited:
         assert decision.failed is not None
         check = checks[decision.failed]
         self._metrics.quota_rejections.labels(tenant, check.code).inc()
         state = decision.states[0] if decision.states else None
         headers = rate_limit_headers([check], [state]) if state else {}
+        left = check.limit if decision.never or state is None else state.remaining
+        fitting = self._fitting_max_tokens(check, generation, left, model_id, now)
         if decision.never:
             message = (
                 f"This request needs {check.cost} against a limit of {check.limit} "
@@ -235,12 +243,49 @@ class QuotaAdmission:
             )
         else:
             message = f"Quota exceeded ({check.code}); retry after the Retry-After interval."
+        if fitting is not None:
+            message += _max_tokens_advice(generation, fitting)
         return RateLimited(
             message,
             code=check.code,
+            param="max_tokens" if fitting else None,
             retry_after=max(1, math.ceil(decision.retry_after_s)),
             headers=headers,
         )
+
+    def _fitting_max_tokens(
+        self, check: Check, generation: Generation, left: int, model_id: str, now: datetime
+    ) -> int | None:
+        """The largest `max_tokens` whose reservation fits what the refused limit has left;
+        None where a smaller cap would not help (requests, concurrency, embeddings)."""
+        if generation.sequences == 0 or check.code not in _TOKEN_LIMITS:
+            return None
+        if check.code != "budget_money":
+            return generation.fitting_max_tokens(left)
+        low, high = 0, generation.max_tokens  # the largest cap whose price fits, by bisection
+        while low < high:
+            middle = (low + high + 1) // 2
+            price = self._prices.micro_eur(
+                model_id, generation.prompt_tokens, middle * generation.sequences, now
+            )
+            low, high = (middle, high) if price <= left else (low, middle - 1)
+        return low
+
+
+_TOKEN_LIMITS = frozenset({"budget_tokens", "budget_money", "rate_limit_tokens"})
+
+
+def _max_tokens_advice(generation: Generation, fitting: int) -> str:
+    reserved = (
+        f" This request reserves {generation.prompt_tokens} prompt tokens (an upper bound) "
+        f"plus max_tokens {generation.max_tokens} x {generation.sequences} "
+        f"sequence{'s' if generation.sequences != 1 else ''}"
+    )
+    if generation.defaulted:
+        reserved += " (the model's default cap: the request named no max_tokens)"
+    if fitting < 1:
+        return reserved + "; no max_tokens fits what is left."
+    return reserved + f"; max_tokens <= {fitting} fits what is left."
 
 
 def rate_limit_headers(

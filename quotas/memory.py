@@ -2,6 +2,11 @@
 
 Every check is O(1) amortised: windows keep a running sum beside their buckets, budgets and
 concurrency a running total beside a heap of lease expiries.
+
+Exactly once, like the Redis store: an admission leaves a record under its request id (when it
+was counted), the first settle takes it, so a repeated settle changes nothing and an admission
+repeated is applied once; a settle that finds no record leaves a mark that refuses the admission
+should it come after.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from quotas.checks import WINDOW_BUCKETS, Check, CheckState, Decision, Kind, window_retry_after
+
+PERIOD_KEPT_S = 2678400.0  # as the Redis store keeps a budget a month after its period
 
 
 @dataclass
@@ -69,12 +76,44 @@ class _Leases:
             self.total -= held[0]
 
 
+@dataclass
+class _Records:
+    """Per request id: when its admission was counted, or None once a settle came first."""
+
+    live: dict[str, tuple[float | None, float]] = field(default_factory=dict)  # at, expiry
+    expiries: list[tuple[float, str]] = field(default_factory=list)
+
+    def expire(self, now: float) -> None:
+        while self.expiries and self.expiries[0][0] <= now:
+            expiry, request = heapq.heappop(self.expiries)
+            held = self.live.get(request)
+            if held is not None and held[1] == expiry:
+                del self.live[request]
+
+    def put(self, request: str, at: float | None, expiry: float) -> None:
+        self.live[request] = (at, expiry)
+        heapq.heappush(self.expiries, (expiry, request))
+        if len(self.expiries) > 2 * len(self.live) + 1024:
+            # Settled records leave their expiry behind (a budget's lives a month): compact.
+            self.expiries = [(expiry, request) for request, (_, expiry) in self.live.items()]
+            heapq.heapify(self.expiries)
+
+
 class MemoryStore:
     def __init__(self) -> None:
         self._windows: dict[str, _Window] = {}
         self._leases: dict[str, _Leases] = {}
+        self._records = _Records()
 
     async def admit(self, checks: Sequence[Check], request_id: str, now: float) -> Decision:
+        self._records.expire(now)
+        record = self._records.live.get(request_id)
+        if record is not None:
+            # Applied already, or given up by its caller (settled first): never applied again.
+            now_states = tuple(self._evaluate(check, now) for check in checks)
+            if record[0] is None:
+                return Decision(allowed=False, failed=0, states=now_states[:1])
+            return Decision(allowed=True, states=now_states)
         states = []
         for index, check in enumerate(checks):
             state = self._evaluate(check, now)
@@ -88,6 +127,7 @@ class MemoryStore:
                 )
             states.append(state)
         admitted = []
+        self._records.put(request_id, now, now + max(_lifetime(c, now) for c in checks))
         for check, state in zip(checks, states, strict=True):
             self._apply(check, request_id, now)
             if check.kind is Kind.BUDGET:
@@ -108,11 +148,21 @@ class MemoryStore:
         admitted_at: float,
         now: float,
     ) -> None:
+        self._records.expire(now)
+        record = self._records.live.get(request_id)
+        if record is None:
+            # Never admitted (or long ago): keep the admission from applying should it come.
+            self._records.put(request_id, None, now + max(check.span_s for check in checks))
+            return
+        counted_at = record[0]
+        if counted_at is None:
+            return
+        del self._records.live[request_id]
         for check, spent in zip(checks, actual, strict=True):
             if check.kind is Kind.WINDOW:
                 window = self._windows.get(check.key)
                 if window is not None and spent != check.cost:
-                    window.adjust(math.floor(admitted_at / check.bucket_s), spent - check.cost)
+                    window.adjust(math.floor(counted_at / check.bucket_s), spent - check.cost)
             elif check.kind is Kind.BUDGET:
                 budget = self._leases.setdefault(check.key, _Leases())
                 budget.release(request_id)
@@ -158,3 +208,13 @@ class MemoryStore:
             self._windows[check.key].add(math.floor(now / check.bucket_s), check.cost)
         else:
             self._leases[check.key].hold(request_id, check.cost, now + check.span_s)
+
+
+def _lifetime(check: Check, now: float) -> float:
+    """How long what an admission holds for a check lives (and so its record)."""
+    if check.kind is Kind.WINDOW:
+        return check.span_s + 2 * check.bucket_s
+    if check.kind is Kind.BUDGET:
+        # A settle after the lease still counts the usage.
+        return max(check.span_s, check.period_end + PERIOD_KEPT_S - now)
+    return check.span_s

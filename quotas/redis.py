@@ -1,15 +1,36 @@
 """The Redis quota store: one Lua script per admission and one per reconciliation, each one
-round trip and atomic, so any number of gateways share exact limits. Calls go over one
-pipelined connection (`quotas/resp.py`).
+round trip and atomic, so any number of gateways share exact limits.
 
 Every key of a tenant carries the hash tag `{<tenant id>}`, so a script's keys live on one slot
 of a Redis Cluster. Every key has a TTL.
+
+Exactly once in effect, whatever the network does:
+- An admission leaves a record under its request id, and the settle that finds it deletes it:
+  a settle retried after a lost reply, or repeated at shutdown, changes nothing; an admission
+  sent twice is applied once.
+- An admission that fails or is cancelled once its command may have gone out is compensated:
+  the store settles it with nothing used, retrying in the background until Redis answers. A
+  settle that finds no record leaves a mark that keeps the admission, should it still reach
+  Redis later (on a connection that was dropped), from applying anything.
+- A call that times out gives up its own answer, not the connection (`quotas/resp.py`), so
+  one slow reply fails no other call. Admissions and settles have their own timeouts (settles
+  run after the answer has gone out, and may wait longer).
+- Time is Redis's: the store measures the offset between the gateway's clock and Redis `TIME`
+  (again every minute) and moves the times it is handed by it, in whole seconds (the finest
+  window bucket, so gateway and Redis buckets stay aligned). Windows, leases and reservations
+  then agree across gateways whatever their clocks. The budget keys' names (the day, the month)
+  are still chosen by the gateway from its own clock (`quotas/plan.py`), so a gateway off by
+  `s` seconds books the requests of the `s` seconds around midnight to the neighbouring day;
+  the store logs the offset whenever it is a second or more.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
-from collections.abc import Sequence
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,22 +38,66 @@ from quotas.checks import Check, CheckState, Decision, Kind
 from quotas.resp import RespConnection, RespError
 from quotas.store import StoreFailure
 
+log = logging.getLogger("sluis.quotas")
+
 _ADMIT = (Path(__file__).parent / "redis_admit.lua").read_text()
 _SETTLE = (Path(__file__).parent / "redis_settle.lua").read_text()
 
+DEAD_AFTER_S = 5.0  # a connection that answers nothing for this long is dropped
+RESYNC_S = 60.0  # how often the offset to Redis's clock is measured again
+_COMPENSATION_RETRIES_S = (0.5, 1, 2, 5, 10, 30)
+MAX_COMPENSATIONS = 10_000  # pending at once; beyond, the oldest are left to their leases
+
 
 class RedisStore:
-    def __init__(self, url: str, *, timeout_s: float) -> None:
-        self._connection = RespConnection(url, timeout_s=timeout_s)
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout_s: float,
+        settle_timeout_s: float | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._timeout_s = timeout_s
+        self._settle_timeout_s = settle_timeout_s or timeout_s
+        self._connection = RespConnection(
+            url,
+            timeout_s=max(timeout_s, self._settle_timeout_s),  # each call is bounded here
+            dead_after_s=max(DEAD_AFTER_S, 2 * self._settle_timeout_s),
+        )
         self._scripts = {
             name: (hashlib.sha1(text.encode()).hexdigest(), text)
             for name, text in (("admit", _ADMIT), ("settle", _SETTLE))
         }
+        self._clock = clock
+        self._offset = 0.0  # Redis's clock minus the gateway's, whole seconds
+        self._synced_at: float | None = None  # monotonic
+        self._syncing = asyncio.Lock()
+        # Admissions to undo (request id: checks, monotonic time given up), oldest first.
+        self._compensations: dict[str, tuple[list[Check], float]] = {}
+        self._compensator: asyncio.Task[None] | None = None
+        self._overflowing = False
+
+    @property
+    def offset_s(self) -> float:
+        """How far Redis's clock is ahead of the gateway's (whole seconds, as applied)."""
+        return self._offset
 
     async def admit(self, checks: Sequence[Check], request_id: str, now: float) -> Decision:
-        raw = await self._run(
-            "admit", _keys(checks), [now, request_id, "admit", *_check_args(checks)]
-        )
+        keys = _keys(checks, request_id)
+        specs = _check_args(checks)
+        try:
+            raw = await self._call(
+                self._timeout_s,
+                lambda: self._script(
+                    "admit", keys, [now + self._offset, request_id, "admit", *specs]
+                ),
+            )
+        except BaseException as exc:
+            # Its command may have reached Redis and run: undo it (a no-op if it did not).
+            if not isinstance(exc.__cause__, ConnectionRefusedError):  # surely never sent
+                self._compensate(checks, request_id)
+            raise
         allowed, failed, retry_ms, never = (int(v) for v in raw[:4])
         states = _states(raw[4:], checks if allowed else [checks[failed - 1]])
         if allowed:
@@ -53,6 +118,57 @@ class RedisStore:
         admitted_at: float,
         now: float,
     ) -> None:
+        # The admission's record knows when it was counted (on Redis's clock): the times
+        # handed in are not needed.
+        await self._call(self._settle_timeout_s, lambda: self._settle(checks, request_id, actual))
+
+    async def state(self, checks: Sequence[Check], now: float) -> list[CheckState]:
+        keys, specs = _keys(checks, "-"), _check_args(checks)
+        raw = await self._call(
+            self._timeout_s,
+            lambda: self._script("admit", keys, [now + self._offset, "-", "state", *specs]),
+        )
+        return list(_states(raw[4:], checks))
+
+    async def ping(self) -> None:
+        await self._call(self._timeout_s, lambda: self._connection.call("PING"), sync=False)
+
+    async def aclose(self) -> None:
+        if self._compensator is not None:
+            self._compensator.cancel()
+            await asyncio.gather(self._compensator, return_exceptions=True)
+        try:
+            # One last try for each admission still to undo, within one settle timeout in all.
+            async with asyncio.timeout(self._settle_timeout_s):
+                for request_id, (checks, _) in list(self._compensations.items()):
+                    await self._settle(checks, request_id, [0] * len(checks))
+                    del self._compensations[request_id]
+        except (RespError, OSError, TimeoutError) as exc:
+            log.error(
+                "%d cancelled or failed quota admissions left to their leases (%s)",
+                len(self._compensations),
+                exc or type(exc).__name__,
+            )
+        await self._connection.aclose()
+
+    async def _call(
+        self, timeout_s: float, call: Callable[[], Awaitable[Any]], *, sync: bool = True
+    ) -> Any:
+        """One call within one timeout (with the clock measurement it may need first); every
+        error from Redis, the network or the timeout comes out as `StoreFailure`."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                if sync:
+                    await self._sync_clock()
+                return await call()
+        except TimeoutError as exc:
+            raise StoreFailure(f"redis: no answer within {timeout_s} s") from exc
+        except (RespError, OSError) as exc:
+            raise StoreFailure(f"redis: {type(exc).__name__}: {exc}") from exc
+
+    async def _settle(
+        self, checks: Sequence[Check], request_id: str, actual: Sequence[int]
+    ) -> None:
         # A window whose reservation was exact (always so for requests) has nothing to settle.
         pairs = [
             (check, spent)
@@ -61,38 +177,91 @@ class RedisStore:
         ]
         if not pairs:
             return
-        args: list[Any] = [now, request_id, admitted_at]
+        args = [request_id]
         args += [f"{c.kind.value} {c.span_s!r} {c.cost} {spent}" for c, spent in pairs]
-        await self._run("settle", _keys([check for check, _ in pairs]), args)
+        await self._script("settle", _keys([c for c, _ in pairs], request_id), args)
 
-    async def state(self, checks: Sequence[Check], now: float) -> list[CheckState]:
-        raw = await self._run("admit", _keys(checks), [now, "-", "state", *_check_args(checks)])
-        return list(_states(raw[4:], checks))
-
-    async def ping(self) -> None:
-        await self._run(None, [], [])
-
-    async def aclose(self) -> None:
-        await self._connection.aclose()
-
-    async def _run(self, script: str | None, keys: list[str], args: list[Any]) -> Any:
+    async def _script(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        sha, text = self._scripts[name]
         try:
-            if script is None:
-                return await self._connection.call("PING")
-            sha, text = self._scripts[script]
+            return await self._connection.call("EVALSHA", sha, len(keys), *keys, *args)
+        except RespError as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise
+            # A restarted Redis has forgotten the script: send it whole, once.
+            return await self._connection.call("EVAL", text, len(keys), *keys, *args)
+
+    async def _sync_clock(self) -> None:
+        """Measure the offset to Redis's clock when due (at first use, then every minute)."""
+        if self._synced_at is not None and time.monotonic() - self._synced_at < RESYNC_S:
+            return
+        async with self._syncing:
+            if self._synced_at is not None and time.monotonic() - self._synced_at < RESYNC_S:
+                return
+            before = self._clock()
+            seconds, micros = await self._connection.call("TIME")
+            after = self._clock()
+            measured = int(seconds) + int(micros) / 1e6 - (before + after) / 2
+            # Whole seconds, and moved only by a clear change: measurement noise around a
+            # half second must not move every bucket back and forth.
+            if self._synced_at is None or abs(measured - self._offset) > 0.75:
+                offset = float(round(measured))
+                if offset != self._offset:
+                    log.warning(
+                        "this gateway's clock is %+.0f s off Redis's: quota windows and leases "
+                        "follow Redis, budget periods (day, month) this gateway's clock",
+                        -offset,
+                    )
+                self._offset = offset
+            self._synced_at = time.monotonic()
+
+    def _compensate(self, checks: Sequence[Check], request_id: str) -> None:
+        if len(self._compensations) >= MAX_COMPENSATIONS:
+            del self._compensations[next(iter(self._compensations))]
+            if not self._overflowing:
+                self._overflowing = True
+                log.error(
+                    "over %d quota admissions to undo: the oldest are left to their leases",
+                    MAX_COMPENSATIONS,
+                )
+        self._compensations[request_id] = (list(checks), time.monotonic())
+        if self._compensator is None or self._compensator.done():
+            self._compensator = asyncio.create_task(self._compensate_all())
+
+    async def _compensate_all(self) -> None:
+        """Settle every given-up admission with nothing used, oldest first; while Redis fails,
+        wait longer and longer. One whose holdings have all lapsed is dropped."""
+        failures = 0
+        while self._compensations:
+            request_id, (checks, since) = next(iter(self._compensations.items()))
+            if time.monotonic() - since > max(check.span_s for check in checks):
+                del self._compensations[request_id]
+                log.error("gave up undoing quota admission %s: left to its lease", request_id)
+                continue
             try:
-                return await self._connection.call("EVALSHA", sha, len(keys), *keys, *args)
-            except RespError as exc:
-                if not str(exc).startswith("NOSCRIPT"):
-                    raise
-                # A restarted Redis has forgotten the script: send it whole, once.
-                return await self._connection.call("EVAL", text, len(keys), *keys, *args)
-        except (RespError, OSError, TimeoutError) as exc:
-            raise StoreFailure(f"redis: {type(exc).__name__}: {exc}") from exc
+                await self.settle(checks, request_id, [0] * len(checks), 0.0, 0.0)
+            except StoreFailure as exc:
+                delay = _COMPENSATION_RETRIES_S[min(failures, len(_COMPENSATION_RETRIES_S) - 1)]
+                failures += 1
+                log.warning("undoing quota admission failed (%s); retrying in %s s", exc, delay)
+                await asyncio.sleep(delay)
+                continue
+            failures = 0
+            if self._compensations.get(request_id, (None, None))[1] == since:
+                del self._compensations[request_id]
+        self._overflowing = False
 
 
-def _keys(checks: Sequence[Check]) -> list[str]:
-    keys = []
+def _record_key(checks: Sequence[Check], request_id: str) -> str:
+    """The admission record's key, in the tenant's hash slot (its keys' `{...}` tag)."""
+    first = checks[0].key
+    end = first.find("}")
+    prefix = first[: end + 1] if 0 <= first.find("{") < end else first
+    return f"{prefix}:rq:{request_id}"
+
+
+def _keys(checks: Sequence[Check], request_id: str) -> list[str]:
+    keys = [_record_key(checks, request_id)]
     for check in checks:
         keys.append(check.key)
         if check.kind is Kind.BUDGET:

@@ -1,19 +1,27 @@
 -- Sluis quota admission: evaluate every check, then apply all of them or none (one round trip).
--- KEYS: per check its key, and for a budget also its reservations key, in check order.
+-- KEYS: the request's admission record, then per check its key, and for a budget also its
+--       reservations key, in check order.
 -- ARGV: now, request id, mode ("admit" | "state"), then one spec per check,
 --       "kind limit cost span period_end" (few arguments: packing them is the client's cost).
--- Times in seconds. Returns
---       {allowed, failed index, retry after ms, never, then per check: used, reserved, reset ms}.
+-- Times in seconds, on Redis's clock (the client corrects its own by the offset it measured).
+-- Returns {allowed, failed index, retry after ms, never, then per check: used, reserved, reset ms}.
+--
+-- An admission is applied once per request id: it leaves a record (its time, read back by the
+-- settle, which deletes it), and a record already there means "applied already" (answered
+-- allowed, nothing applied again) or, when it is the mark 's' a compensating settle left,
+-- "given up by its gateway" (answered refused, nothing applied).
 local now = tonumber(ARGV[1])
 local rid = ARGV[2]
 local mode = ARGV[3]
+local record = KEYS[1]
 local BUCKETS = 60
+local PERIOD_KEPT_S = 2678400  -- budget keys stay a month after their period, for inspection
 
 -- Whole numbers as plain digits: HINCRBY refuses "-0" (a settled 0), and exponents.
 local function int(x) return string.format('%.0f', x + 0) end  -- + 0: never "-0"
 
 local specs = {}
-local next_key = 1
+local next_key = 2
 for i = 4, #ARGV do
   local kind, limit, cost, span, period_end = string.match(ARGV[i], '(%a+) (%S+) (%S+) (%S+) (%S+)')
   local spec = {kind = kind, limit = tonumber(limit), cost = tonumber(cost), span = tonumber(span),
@@ -26,6 +34,12 @@ for i = 4, #ARGV do
   specs[#specs + 1] = spec
 end
 local n = #specs
+
+local prior = false
+if mode == 'admit' then
+  prior = redis.call('GET', record)
+  if prior then mode = 'state' end
+end
 
 local function window(key, limit, cost, span)
   local width = span / BUCKETS
@@ -95,7 +109,12 @@ for i = 1, n do
   states[#states + 1] = {used, reserved, math.ceil(reset * 1000)}
 end
 
+if prior == 's' then
+  return {0, 1, 0, 0, states[1][1], states[1][2], states[1][3]}
+end
+
 local result = {1, 0, 0, 0}
+local keep_ms = 1000  -- how long the record must live: as long as what it guards
 for i = 1, n do
   local spec = specs[i]
   local kind, cost, span, period_end = spec.kind, spec.cost, spec.span, spec.period_end
@@ -105,27 +124,34 @@ for i = 1, n do
     if kind == 'window' then
       local width = span / BUCKETS
       redis.call('HINCRBY', key, math.floor(now / width), int(cost))
-      redis.call('PEXPIRE', key, math.ceil((span + 2 * width) * 1000))
+      local ttl = math.ceil((span + 2 * width) * 1000)
+      redis.call('PEXPIRE', key, ttl)
+      keep_ms = math.max(keep_ms, ttl)
       used = used + cost
     elseif kind == 'budget' then
       redis.call('HINCRBY', key, 'reserved', int(cost))
       redis.call('HSET', key, 'c:' .. rid, int(cost))
       redis.call('ZADD', rkey, now + span, rid)
-      -- Kept for a month after the period ends, for inspection.
-      local expire_at = math.ceil((period_end + 2678400) * 1000)
+      local expire_at = math.ceil((period_end + PERIOD_KEPT_S) * 1000)
       redis.call('PEXPIREAT', key, expire_at)
       redis.call('PEXPIREAT', rkey, expire_at)
+      -- A settle after the lease still counts the usage: the record lives as long as the key.
+      keep_ms = math.max(keep_ms, expire_at - math.floor(now * 1000))
       reserved = reserved + cost
     else
       -- One member per slot: the request id, then id#2, id#3, ... (an allowance holds several).
       redis.call('ZADD', key, now + span, rid)
       for slot = 2, cost do redis.call('ZADD', key, now + span, rid .. '#' .. slot) end
       redis.call('PEXPIRE', key, math.ceil(span * 1000))
+      keep_ms = math.max(keep_ms, math.ceil(span * 1000))
       used = used + cost
     end
   end
   result[#result + 1] = used
   result[#result + 1] = reserved
   result[#result + 1] = states[i][3]
+end
+if mode == 'admit' then
+  redis.call('SET', record, string.format('%.17g', now), 'PX', keep_ms)
 end
 return result

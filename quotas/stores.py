@@ -18,7 +18,12 @@ def _memory(settings: Settings, clock: Clock) -> QuotaStore:
 
 def _redis(settings: Settings, clock: Clock) -> QuotaStore:
     assert settings.redis_url is not None
-    store = RedisStore(settings.redis_url, timeout_s=settings.quota_timeout_s)
+    store = RedisStore(
+        settings.redis_url,
+        timeout_s=settings.quota_timeout_s,
+        settle_timeout_s=settings.quota_settle_timeout_s,
+        clock=lambda: clock.now().timestamp(),
+    )
     if not settings.quota_allowances:
         return store
     return AllowanceStore(store, clock=lambda: clock.now().timestamp())

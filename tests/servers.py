@@ -18,7 +18,11 @@ T = TypeVar("T")
 
 
 class ServerThread:
-    def __init__(self, app: ASGIApp, *, graceful_s: int = 10) -> None:
+    def __init__(
+        self, app: ASGIApp, *, graceful_s: int = 10, server: uvicorn.Server | None = None
+    ) -> None:
+        """`server`: one built elsewhere (e.g. `gateway.serve.gateway_server`); its host and port
+        give way to this thread's socket."""
         self.app = app
         self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -33,7 +37,7 @@ class ServerThread:
             lifespan="on",
             timeout_graceful_shutdown=10,
         )
-        self.server = uvicorn.Server(config)
+        self.server = server or uvicorn.Server(config)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self.error: BaseException | None = None

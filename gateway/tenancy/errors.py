@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, ProgrammingError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from gateway.errors import StoreUnavailable
 
@@ -19,6 +20,7 @@ def store_errors() -> Iterator[None]:
         yield
     except _OUR_FAULT:
         raise
-    except (DBAPIError, OSError, TimeoutError) as exc:
-        # Unreachable, out of connections ("too many clients"), failed over, timed out.
+    except (DBAPIError, OSError, TimeoutError, PoolTimeout) as exc:
+        # Unreachable, out of connections ("too many clients", or none free in our pool within
+        # its timeout: PoolTimeout is no DBAPIError), failed over, timed out.
         raise StoreUnavailable("The tenant store is unavailable; try again shortly.") from exc

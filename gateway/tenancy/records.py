@@ -7,6 +7,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from gateway.keys import display_prefix
+from quotas.policy import shown_settings
 
 TenantStatus = Literal["active", "suspended"]
 ALL_MODELS = "*"
@@ -27,6 +28,8 @@ class Tenant:
     updated_at: datetime
     # The tenant's own quota settings, overlaid on the defaults (see quotas/policy.py).
     quotas: dict[str, Any] = field(default_factory=dict, hash=False)
+    # Raised by one in every update, so two updates never share it (the admin API's ETag).
+    version: int = 1
 
     def allows(self, model_id: str) -> bool:
         return ALL_MODELS in self.models or model_id in self.models
@@ -39,10 +42,15 @@ class Tenant:
             "status": self.status,
             "models": list(self.models),
             "metadata": self.metadata,
-            "quotas": self.quotas,
+            "quotas": shown_settings(self.quotas),
+            "version": self.version,
             "created_at": _iso(self.created_at),
             "updated_at": _iso(self.updated_at),
         }
+
+    @property
+    def etag(self) -> str:
+        return f'"{self.version}"'
 
 
 @dataclass(frozen=True, slots=True)

@@ -57,6 +57,8 @@ tenants = Table(
     Column("created_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
     Column("quotas", JSON, nullable=False, server_default="{}"),
+    # Raised by one in every update: the tenant's ETag in the admin API.
+    Column("version", Integer, nullable=False, server_default="1"),
 )
 
 api_keys = Table(

@@ -12,15 +12,33 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.clock import Clock
-from gateway.errors import Conflict, InvalidRequest, NotFound
+from gateway.errors import Conflict, InvalidRequest, NotFound, SluisError
 from gateway.keys import generate_key
 from gateway.tenancy.audit import append_audit
 from gateway.tenancy.database import Database
 from gateway.tenancy.errors import store_errors
 from gateway.tenancy.records import ApiKey, KeyGrant, Tenant, TenantStatus
 from gateway.tenancy.tables import api_keys, tenants
+from quotas.policy import patch_settings, shown_settings
 
 TENANT_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?$")
+_UPDATE_ATTEMPTS = 20
+_TICK = timedelta(microseconds=1)
+
+
+class PreconditionFailed(SluisError):
+    """412: the tenant is no longer at the version the client read (If-Match)."""
+
+    status = 412
+    type = "invalid_request_error"
+    default_code = "precondition_failed"
+
+    def __init__(self, message: str, *, etag: str) -> None:
+        super().__init__(message)
+        self.etag = etag
+
+    def headers(self) -> dict[str, str]:
+        return {**super().headers(), "etag": self.etag}
 
 
 class TenantStore:
@@ -39,6 +57,7 @@ class TenantStore:
         actor: str,
         quotas: dict[str, Any] | None = None,
     ) -> Tenant:
+        """A new tenant; `quotas` are its settings as the admin API writes them."""
         if not TENANT_NAME.match(name):
             raise InvalidRequest(
                 "Tenant names are 1-64 lowercase letters, digits and inner hyphens.",
@@ -53,7 +72,7 @@ class TenantStore:
             metadata=metadata,
             created_at=now,
             updated_at=now,
-            quotas=quotas or {},
+            quotas=patch_settings({}, quotas or {}),
         )
         try:
             with store_errors():
@@ -68,6 +87,7 @@ class TenantStore:
                             quotas=tenant.quotas,
                             created_at=now,
                             updated_at=now,
+                            version=tenant.version,
                         )
                     )
                     await append_audit(
@@ -104,42 +124,68 @@ class TenantStore:
         models: tuple[str, ...] | None = None,
         metadata: dict[str, Any] | None = None,
         status: TenantStatus | None = None,
-        quotas: dict[str, Any] | None = None,
+        quota_patch: dict[str, Any] | None = None,
+        expected_versions: frozenset[int] | None = None,
     ) -> Tenant:
-        changes: dict[str, Any] = {}
-        if quotas is not None:
-            changes["quotas"] = quotas
-        if models is not None:
-            changes["models"] = list(models)
-        if metadata is not None:
-            changes["metadata"] = metadata
-        if status is not None:
-            changes["status"] = status
-        now = self._clock.now()
-        with store_errors():
-            async with self._db.engine.begin() as conn:
-                tenant = await self._get_tenant(conn, ref)
-                if not changes:
-                    return tenant
-                await conn.execute(
-                    update(tenants)
-                    .where(tenants.c.id == tenant.id)
-                    .values(updated_at=now, **changes)
-                )
-                action = {"suspended": "tenant.suspend", "active": "tenant.activate"}.get(
-                    str(status), "tenant.update"
-                )
-                await append_audit(
-                    conn,
-                    at=now,
-                    actor=actor,
-                    action=action,
-                    target_type="tenant",
-                    target_id=tenant.id,
-                    tenant_id=tenant.id,
-                    details=changes,
-                )
-                return await self._get_tenant(conn, tenant.id)
+        """Apply the changes given; `quota_patch` merges into the quota settings (RFC 7396).
+
+        With `expected_versions` the update happens only while the tenant is at one of them.
+        The merge reads and writes in one transaction, and the write goes through only if the
+        version is still the one read, so concurrent updates never lose one another's changes.
+        """
+        for _ in range(_UPDATE_ATTEMPTS):
+            with store_errors():
+                async with self._db.engine.begin() as conn:
+                    tenant = await self._get_tenant(conn, ref, for_update=True)
+                    if expected_versions is not None and tenant.version not in expected_versions:
+                        raise PreconditionFailed(
+                            f"Tenant '{tenant.name}' is at version {tenant.version}, not the one"
+                            " If-Match names; read it again and retry.",
+                            etag=tenant.etag,
+                        )
+                    changes: dict[str, Any] = {}
+                    if quota_patch is not None:
+                        changes["quotas"] = patch_settings(tenant.quotas, quota_patch)
+                    if models is not None:
+                        changes["models"] = list(models)
+                    if metadata is not None:
+                        changes["metadata"] = metadata
+                    if status is not None:
+                        changes["status"] = status
+                    if not changes:
+                        return tenant
+                    # Strictly after the last update even within one clock tick: the quota
+                    # admission caches a tenant's policy per (id, updated_at).
+                    now = max(self._clock.now(), tenant.updated_at + _TICK)
+                    written = await conn.execute(
+                        update(tenants)
+                        .where(tenants.c.id == tenant.id, tenants.c.version == tenant.version)
+                        .values(updated_at=now, version=tenants.c.version + 1, **changes)
+                    )
+                    if written.rowcount != 1:
+                        continue  # changed since it was read (SQLite takes no row lock): again
+                    action = {"suspended": "tenant.suspend", "active": "tenant.activate"}.get(
+                        str(status), "tenant.update"
+                    )
+                    details = dict(changes)
+                    if quota_patch is not None:
+                        details["quotas"] = shown_settings(changes["quotas"])
+                        details["quota_patch"] = quota_patch
+                    await append_audit(
+                        conn,
+                        at=now,
+                        actor=actor,
+                        action=action,
+                        target_type="tenant",
+                        target_id=tenant.id,
+                        tenant_id=tenant.id,
+                        details=details,
+                    )
+                    return await self._get_tenant(conn, tenant.id)
+        raise Conflict(
+            "The tenant kept changing while this update was applied; try again.",
+            code="concurrent_update",
+        )
 
     # -- keys ------------------------------------------------------------------------------
 
@@ -272,17 +318,19 @@ class TenantStore:
             created_at=mapping[tenants.c.created_at],
             updated_at=mapping[tenants.c.updated_at],
             quotas=dict(mapping[tenants.c.quotas]),
+            version=mapping[tenants.c.version],
         )
         return KeyGrant(key=key, secret_hash=mapping[api_keys.c.secret_hash], tenant=tenant)
 
     # -- helpers ---------------------------------------------------------------------------
 
-    async def _get_tenant(self, conn: AsyncConnection, ref: str) -> Tenant:
-        row = (
-            await conn.execute(
-                select(tenants).where(or_(tenants.c.id == ref, tenants.c.name == ref))
-            )
-        ).first()
+    async def _get_tenant(
+        self, conn: AsyncConnection, ref: str, *, for_update: bool = False
+    ) -> Tenant:
+        query = select(tenants).where(or_(tenants.c.id == ref, tenants.c.name == ref))
+        if for_update:
+            query = query.with_for_update()  # PostgreSQL; SQLite relies on the version check
+        row = (await conn.execute(query)).first()
         if row is None:
             raise NotFound(f"No tenant '{ref}'.", code="tenant_not_found")
         return _tenant(row)
@@ -334,6 +382,7 @@ def _tenant(row: Row[Any]) -> Tenant:
         created_at=row.created_at,
         updated_at=row.updated_at,
         quotas=dict(row.quotas),
+        version=row.version,
     )
 
 

@@ -18,6 +18,15 @@ class Endpoint(StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class UpstreamModel:
+    """A model an upstream serves, as its `/v1/models` describes it."""
+
+    id: str
+    # The context window when the server tells it (vLLM's `max_model_len`).
+    context_tokens: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class UpstreamCall:
     endpoint: Endpoint
     body: dict[str, Any]
@@ -33,8 +42,8 @@ class UpstreamReply:
 
 
 class Upstream(Protocol):
-    async def list_models(self) -> list[str]:
-        """Model names the upstream serves; raises `UpstreamUnavailable` when unreachable."""
+    async def list_models(self) -> list[UpstreamModel]:
+        """The models the upstream serves; raises `UpstreamUnavailable` when unreachable."""
         ...
 
     async def send(self, call: UpstreamCall) -> UpstreamReply:

@@ -9,7 +9,7 @@ import orjson
 
 from gateway.errors import UpstreamFailed
 from gateway.fake_engine import FakeEngine, FakeEngineError, StreamBroken
-from gateway.upstreams.base import UpstreamCall, UpstreamReply
+from gateway.upstreams.base import UpstreamCall, UpstreamModel, UpstreamReply
 from gateway.upstreams.http import reply_error
 
 
@@ -17,8 +17,10 @@ class FakeUpstream:
     def __init__(self, engine: FakeEngine | None = None) -> None:
         self.engine = engine or FakeEngine()
 
-    async def list_models(self) -> list[str]:
-        return self.engine.models()
+    async def list_models(self) -> list[UpstreamModel]:
+        return [
+            UpstreamModel(name, self.engine.config.max_context) for name in self.engine.models()
+        ]
 
     async def send(self, call: UpstreamCall) -> UpstreamReply:
         try:

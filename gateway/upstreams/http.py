@@ -3,11 +3,23 @@
 One aiohttp session per process: pooled keep-alive connections (aiohttp sets TCP_NODELAY on
 every connection), no client per request. Keep-alive is shorter than the servers' own (uvicorn
 closes idle connections after 5 s) so that a pooled connection is never reused just as the
-server closes it.
+server closes it. Answers are asked for uncompressed (`Accept-Encoding: identity`): usage is read
+from them and they are relayed as they come; one compressed anyway (a proxy that ignores the
+header) is decompressed.
+
+Nothing about the upstream reaches a tenant unless the catalog owns it. The configured URL (it may
+carry `user:pass@`) appears in no error. An upstream 4xx keeps its status, but its message is
+passed on only when it is one the tenant needs to fix its request, told in words and numbers: a
+message about the model's maximum context length (vLLM's), made of letters, digits, whitespace and
+`_ . , : ; ' ( ) < > = + -` only, at most 400 characters. That leaves out what could carry a
+path, a URL, an org/model name or a quoted identifier (slashes, backslashes, `@`, quotes,
+backticks, brackets). Any other message becomes a generic one, and the code is always
+`upstream_rejected` (the upstream's own code and param are dropped).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 
@@ -22,10 +34,11 @@ from gateway.errors import (
     UpstreamUnavailable,
 )
 from gateway.settings import UpstreamConfig
-from gateway.upstreams.base import UpstreamCall, UpstreamReply
+from gateway.upstreams.base import UpstreamCall, UpstreamModel, UpstreamReply
 from gateway.upstreams.sse import iter_sse_data
 
 KEEPALIVE_S = 4.0
+_PASSED_MESSAGE = re.compile(r"[\w\s.,:;'()<>=+-]{1,400}", re.ASCII)
 
 
 class HTTPUpstream:
@@ -35,7 +48,7 @@ class HTTPUpstream:
         base = config.url.rstrip("/")
         self._base = base if base.endswith("/v1") else base + "/v1"
         self._config = config
-        self._headers = {"content-type": "application/json"}
+        self._headers = {"content-type": "application/json", "accept-encoding": "identity"}
         if config.api_key is not None:
             self._headers["authorization"] = f"Bearer {config.api_key.get_secret_value()}"
         self._session: aiohttp.ClientSession | None = None
@@ -61,12 +74,12 @@ class HTTPUpstream:
                 connector=connector,
                 timeout=timeout,
                 headers=self._headers,
-                auto_decompress=False,
+                auto_decompress=True,  # only ever at work on an answer that ignored identity
                 skip_auto_headers=("User-Agent",),
             )
         return self._session
 
-    async def list_models(self) -> list[str]:
+    async def list_models(self) -> list[UpstreamModel]:
         with self._transport_errors():
             async with self._client().get(self._base + "/models") as response:
                 if response.status != 200:
@@ -74,7 +87,10 @@ class HTTPUpstream:
                         f"The model server answered {response.status} to /models."
                     )
                 payload = orjson.loads(await response.read())
-        return [entry["id"] for entry in payload.get("data", [])]
+        return [
+            UpstreamModel(entry["id"], _context_tokens(entry.get("max_model_len")))
+            for entry in payload.get("data", [])
+        ]
 
     async def send(self, call: UpstreamCall) -> UpstreamReply:
         with self._transport_errors():
@@ -122,10 +138,10 @@ class HTTPUpstream:
         except SluisError:
             raise
         except aiohttp.ClientConnectorError as exc:
-            raise _unavailable(self._base) from exc
+            raise _unavailable() from exc
         except (aiohttp.ConnectionTimeoutError, aiohttp.SocketTimeoutError) as exc:
             if isinstance(exc, aiohttp.ConnectionTimeoutError):
-                raise _unavailable(self._base) from exc
+                raise _unavailable() from exc
             raise UpstreamTimeout("The model server did not answer in time.") from exc
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise UpstreamFailed("The model server closed the connection.") from exc
@@ -141,17 +157,26 @@ async def _events(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
 
 def reply_error(reply: UpstreamReply) -> UpstreamRejected | UpstreamFailed | UpstreamUnavailable:
     """The error to give the client for an upstream error reply."""
-    message, code = _error_details(reply.body)
     if reply.status in (429, 503):
         return UpstreamUnavailable(
             "The model server is at capacity; try again shortly.", code="upstream_overloaded"
         )
     if 400 <= reply.status < 500 and reply.status not in (401, 403, 407):
         # The client's request was at fault (e.g. longer than the model's context).
-        return UpstreamRejected(
-            reply.status, message or "The model server rejected the request.", code=code
-        )
+        return UpstreamRejected(reply.status, _tenant_message(reply))
     return UpstreamFailed(f"The model server failed ({reply.status}).")
+
+
+def _tenant_message(reply: UpstreamReply) -> str:
+    """The upstream's message when the module docstring's rule lets it through, else ours."""
+    message, _ = _error_details(reply.body)
+    if (
+        message is not None
+        and "maximum context length" in message
+        and _PASSED_MESSAGE.fullmatch(message)
+    ):
+        return message
+    return f"The model server rejected the request ({reply.status})."
 
 
 def _error_details(body: bytes) -> tuple[str | None, str | None]:
@@ -172,5 +197,10 @@ def _error_details(body: bytes) -> tuple[str | None, str | None]:
     return None, None
 
 
-def _unavailable(url: str) -> UpstreamUnavailable:
-    return UpstreamUnavailable(f"The model server at {url} cannot be reached.")
+def _unavailable() -> UpstreamUnavailable:
+    # Never the URL: it may hold credentials, and tenants see this message.
+    return UpstreamUnavailable("The model server cannot be reached.")
+
+
+def _context_tokens(value: object) -> int | None:
+    return value if isinstance(value, int) and value > 1 else None

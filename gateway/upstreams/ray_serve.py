@@ -21,7 +21,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from gateway.errors import UpstreamFailed, UpstreamUnavailable
-from gateway.upstreams.base import UpstreamCall, UpstreamReply
+from gateway.upstreams.base import UpstreamCall, UpstreamModel, UpstreamReply
 from gateway.upstreams.http import reply_error
 from gateway.upstreams.sse import iter_sse_data
 
@@ -34,8 +34,8 @@ class RayServeUpstream:
         self._handles = dict(handles)
         self._streaming = {name: h.options(stream=True) for name, h in self._handles.items()}
 
-    async def list_models(self) -> list[str]:
-        return list(self._handles)
+    async def list_models(self) -> list[UpstreamModel]:
+        return [UpstreamModel(name) for name in self._handles]
 
     async def send(self, call: UpstreamCall) -> UpstreamReply:
         handle = self._handles.get(call.body.get("model", ""))
@@ -55,7 +55,11 @@ class RayServeUpstream:
         handle = self._streaming.get(call.body.get("model", ""))
         if handle is None:
             raise reply_error(_unknown_model(call))
-        response = handle.stream.remote(call.endpoint.value, call.body, _headers(call))
+        try:
+            response = handle.stream.remote(call.endpoint.value, call.body, _headers(call))
+        except Exception as exc:  # e.g. the handle's router cannot reach the controller
+            log.warning("model deployment refused stream %s: %r", call.request_id, exc)
+            raise UpstreamUnavailable("The model deployment could not answer.") from exc
         try:
             try:
                 status = await response.__anext__()
@@ -63,7 +67,12 @@ class RayServeUpstream:
                 log.warning("model deployment refused stream %s: %r", call.request_id, exc)
                 raise UpstreamUnavailable("The model deployment could not answer.") from exc
             if status != 200:
-                raise reply_error(UpstreamReply(status, await _rest(response)))
+                try:
+                    rest = await _rest(response)
+                except Exception as exc:
+                    log.warning("model deployment broke stream %s: %r", call.request_id, exc)
+                    raise UpstreamFailed("The model deployment's answer broke off.") from exc
+                raise reply_error(UpstreamReply(status, rest))
             yield iter_sse_data(_chunks(response, call.request_id))
         finally:
             response.cancel()  # a no-op once finished; aborts the generation otherwise

@@ -12,18 +12,24 @@ from typing import Any
 
 import httpx
 import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
 
-from billing.invoice import Period
+from billing.invoice import Period, build_invoice
 from billing.periods import month_start, period_of
 from billing.prices import ModelPrice
-from billing.prometheus import BillingError
+from billing.prometheus import BillingError, PrometheusReader
+from gateway.app import create_app
 from gateway.cli import main
 from gateway.clock import ManualClock
-from gateway.settings import FileConfig
+from gateway.settings import ConfigError, FileConfig
 from loadtests.processes import free_port
 from tests.clients import leave_mid_stream
 from tests.conftest import ADMIN_TOKEN, GatewayFactory, RunningGateway
 from tests.prometheus import PrometheusServer
+from tests.servers import ServerThread
 
 PRICES = {
     "fake-chat": ModelPrice(
@@ -331,8 +337,12 @@ def test_usage_no_prometheus_series_carries_is_reported_as_a_lost_series(
     second one's usage is in the ledger and in no series: named, not silently left off."""
     shared = {"database_url": postgres_url, "redis_url": "redis://127.0.0.1:6379/0"}
     port = free_port()
-    scraped_gateway = gateway_factory(metrics_port=port, file=FileConfig(prices=PRICES), **shared)
-    forgotten = gateway_factory(metrics_port=free_port(), file=FileConfig(prices=PRICES), **shared)
+    scraped_gateway = gateway_factory(
+        metrics_port=port, gateway_id="scraped", file=FileConfig(prices=PRICES), **shared
+    )
+    forgotten = gateway_factory(
+        metrics_port=free_port(), gateway_id="forgotten", file=FileConfig(prices=PRICES), **shared
+    )
     prometheus = PrometheusServer(tmp_path / "prom-lost", [f"127.0.0.1:{port}"])
     monkeypatch.setenv("SLUIS_URL", scraped_gateway.url)
     monkeypatch.setenv("SLUIS_ADMIN_TOKEN", ADMIN_TOKEN)
@@ -424,3 +434,164 @@ def test_usage_on_either_side_of_a_period_boundary_is_billed_to_its_own_period(
             assert report["lines"][0]["completion_tokens"] == completion
     finally:
         prometheus.stop()
+
+
+def _chats(gateway: RunningGateway, key: str, times: int) -> None:
+    for i in range(times):
+        body = {
+            "model": "fake-chat",
+            "max_tokens": 3 + i,
+            "stream": i % 2 == 1,
+            "messages": [{"role": "user", "content": "een twee drie"}],
+        }
+        answer = httpx.post(
+            f"{gateway.url}/v1/chat/completions",
+            json=body,
+            headers={"authorization": f"Bearer {key}"},
+        )
+        assert answer.status_code == 200
+
+
+def _ledger_lines(gateway: RunningGateway) -> list[dict[str, Any]]:
+    """The invoice lines the ledger says (one tenant, one model)."""
+    records = gateway.records()
+    return [
+        {
+            "prompt_tokens": sum(r["prompt_tokens"] for r in records),
+            "completion_tokens": sum(r["completion_tokens"] for r in records),
+            "requests": len(records),
+            "amount_eur": sum(r["cost_micro_eur"] for r in records) / 1_000_000,
+        }
+    ]
+
+
+@pytest.mark.parametrize(
+    ("first_id", "second_id", "same_instance"),
+    [("g1", "g1", False), ("g1", "g2", True)],
+    ids=["same-id-new-instance", "new-id-same-instance"],
+)
+def test_a_gateway_restarted_under_a_new_instance_or_id_is_billed_as_the_ledger(
+    tmp_path: Path,
+    gateway_factory: GatewayFactory,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    first_id: str,
+    second_id: str,
+    same_instance: bool,
+) -> None:
+    """A restart that keeps the gateway id but is scraped at a new address (a pod's new IP) is
+    billed once, not twice; one under a new id on the same address keeps what the old id
+    metered. Each id's series is taken at its latest value, wherever it was scraped."""
+    ports = [free_port()] if same_instance else [free_port(), free_port()]
+    prometheus = PrometheusServer(tmp_path / "prom", [f"127.0.0.1:{port}" for port in ports])
+    try:
+        prometheus.wait_ready()
+        first = gateway_factory(
+            metrics_port=ports[0], gateway_id=first_id, file=FileConfig(prices=PRICES)
+        )
+        monkeypatch.setenv("SLUIS_URL", first.url)
+        monkeypatch.setenv("SLUIS_ADMIN_TOKEN", ADMIN_TOKEN)
+        key = first.create_tenant("acme")
+        _chats(first, key, 4)
+        before = f'sum(sluis_requests_total{{instance="127.0.0.1:{ports[0]}"}})'
+        deadline = time.monotonic() + 30
+        while not [s for s in prometheus.query(before) if s["value"][1] == "4"]:
+            assert time.monotonic() < deadline, "Prometheus did not scrape the first gateway"
+            time.sleep(0.5)
+        first.stop()
+
+        second = gateway_factory(
+            metrics_port=ports[-1], gateway_id=second_id, file=FileConfig(prices=PRICES)
+        )
+        monkeypatch.setenv("SLUIS_URL", second.url)
+        _chats(second, key, 3)
+        expected = _ledger_lines(second)
+        assert expected[0]["requests"] == 7
+        period = datetime.now(UTC).strftime("%Y-%m")
+        fields = tuple(expected[0])
+        deadline = time.monotonic() + 30
+        while True:  # until Prometheus has scraped the second gateway's last requests
+            code, report = reconciled(capsys, period, prometheus, 30)
+            billed = [{k: line[k] for k in fields} for line in report["lines"]]
+            if billed == expected or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert billed == expected
+        assert code == 0, report["reconciliation"]
+    finally:
+        prometheus.stop()
+
+
+async def test_two_live_gateways_never_share_a_gateway_id(
+    tmp_path: Path, gateway_factory: GatewayFactory
+) -> None:
+    """Each would start its counters from the other's records too: the second is refused, and
+    starts once the first has left."""
+    first = gateway_factory(gateway_id="g1", redis_url="redis://127.0.0.1:6379/0")
+    twin = create_app(first.settings.model_copy(update={"state_dir": tmp_path / "twin"}))
+    with pytest.raises(ConfigError, match=r"gateway id 'g1' is in use .*SLUIS_GATEWAY_ID"):
+        async with twin.router.lifespan_context(twin):
+            pass
+    other = create_app(
+        first.settings.model_copy(update={"state_dir": tmp_path / "other", "gateway_id": "g2"})
+    )
+    async with other.router.lifespan_context(other):  # another id starts beside it
+        pass
+    first.stop()
+    async with twin.router.lifespan_context(twin):  # g1 has left: its id is free again
+        pass
+
+
+def _exporter(text: list[str]) -> ServerThread:
+    """A /metrics endpoint serving `text[0]`, which the test changes."""
+
+    async def metrics(_: Request) -> PlainTextResponse:
+        return PlainTextResponse(text[0])
+
+    return ServerThread(Starlette(routes=[Route("/metrics", metrics)])).start()
+
+
+def _requests(*samples: tuple[int, str, str | None]) -> str:
+    """`sluis_requests_total` as a gateway exports it: (value, status class, gateway id or None
+    for a version without the label) per series."""
+    lines = ["# TYPE sluis_requests_total counter"]
+    for value, status, gateway in samples:
+        labels = (
+            f'tenant="acme",model="m",status="{status}",period="{period_of(datetime.now(UTC))}"'
+        )
+        if gateway is not None:
+            labels += f',gateway="{gateway}"'
+        lines.append(f"sluis_requests_total{{{labels}}} {value}")
+    return "\n".join(lines) + "\n"
+
+
+def test_series_from_before_the_gateway_label_are_billed_as_before(tmp_path: Path) -> None:
+    """Two gateways of a version without the `gateway` label: summed per instance, as before.
+    Then one is upgraded in place, its counters seeded from the same records: billed once."""
+    x = [_requests((4, "2xx", None))]
+    y = [_requests((2, "2xx", None), (1, "5xx", None))]
+    exporters = [_exporter(x), _exporter(y)]
+    prometheus = PrometheusServer(tmp_path / "prom", [f"127.0.0.1:{e.port}" for e in exporters])
+    reader = PrometheusReader(prometheus.url)
+
+    def billed() -> list[tuple[str, str, int]]:
+        now = datetime.now(UTC)
+        invoice = build_invoice(reader, Period.parse(period_of(now), now=now), now=now)
+        return [(line.tenant, line.model, line.requests) for line in invoice.lines]
+
+    def until(requests: int) -> list[tuple[str, str, int]]:
+        deadline = time.monotonic() + 30
+        while (got := billed()) != [("acme", "m", requests)] and time.monotonic() < deadline:
+            time.sleep(0.5)
+        return got
+
+    try:
+        prometheus.wait_ready()
+        assert until(4 + 2 + 1) == [("acme", "m", 7)]
+        x[0] = _requests((4 + 1, "2xx", "g1"))  # upgraded; one request since
+        assert until(5 + 2 + 1) == [("acme", "m", 8)]
+    finally:
+        reader.close()
+        prometheus.stop()
+        for exporter in exporters:
+            exporter.stop()

@@ -39,6 +39,12 @@ def test_the_price_in_force_on_a_day() -> None:
     assert ModelPrice(prompt_eur_per_million=0.1).micro_eur(1, 0) == 1  # rounded up, never down
 
 
+def test_the_per_request_price_needs_a_token() -> None:
+    per_request = ModelPrice(eur_per_request=0.001)
+    assert per_request.micro_eur(1, 0) == per_request.micro_eur(0, 1) == 1000
+    assert per_request.micro_eur(0, 0) == 0  # refused or never sent: free, in budget and ledger
+
+
 def test_a_history_in_the_config_file(tmp_path: Path) -> None:
     config = tmp_path / "sluis.yaml"
     config.write_text(

@@ -50,7 +50,7 @@ def test_a_short_real_sweep_yields_a_plan(
             assert step.requests > 0 and step.errors == 0
             assert step.ttft_p95_s is not None and step.ttft_p95_s > 0
     chat = sweeps["tiny-chat"]
-    assert chat.completion_tokens == 16  # ignore_eos: every answer is max_tokens long
+    assert chat.completion_tokens == 16  # min_tokens: every answer is max_tokens long
     assert all(s.tpot_p95_s is not None and s.output_tokens_per_s > 0 for s in chat.steps)
     assert all(s.tpot_p95_s is None for s in sweeps["tiny-embed"].steps)
     plans = {p["model"]: p for p in json.loads((out / "plan.json").read_text())}

@@ -57,7 +57,7 @@ def test_completion_stream_usage_equals_the_ledger(
         max_tokens=24,
         stream=True,
         stream_options={"include_usage": True},
-        extra_body={"ignore_eos": True},
+        extra_body={"min_tokens": 24},
     )
     text, usage = "", None
     for chunk in raw.parse():
@@ -80,7 +80,7 @@ def test_stream_without_usage_request_is_still_metered_exactly(real_stack: RealS
             "model": "tiny-chat",
             "max_tokens": 16,
             "stream": True,
-            "ignore_eos": True,
+            "min_tokens": 16,
             "messages": [{"role": "user", "content": "Vertel iets"}],
         },
     ) as response:
@@ -178,7 +178,7 @@ def test_client_leaving_mid_stream_aborts_the_generation_in_vllm(real_stack: Rea
             "model": "tiny-chat",
             "prompt": "Een heel lang verhaal",
             "max_tokens": 1900,
-            "ignore_eos": True,
+            "min_tokens": 1900,
             "stream": True,
         },
     ) as response:
@@ -222,7 +222,7 @@ def test_replica_killed_mid_stream_ends_without_done_and_comes_back(
         {
             "model": "tiny-chat",
             "max_tokens": 1900,
-            "ignore_eos": True,
+            "min_tokens": 1900,
             "stream": True,
             "stream_options": {"include_usage": True, "continuous_usage_stats": True},
             "messages": [{"role": "user", "content": "Blijf praten"}],

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
+
 import httpx
 import pytest
 
@@ -63,6 +65,28 @@ def test_duplicate_and_missing_tenants(gateway: RunningGateway) -> None:
         gateway.admin("POST", "/tenants/nobody/keys", json={}), 404, "tenant_not_found"
     )
     assert_openai_error(gateway.admin("DELETE", "/keys/nokey"), 404, "key_not_found")
+
+
+@pytest.mark.parametrize("expires_in_s", [10**12, 10 * 366 * 24 * 3600, 0, "60"])
+def test_key_expiry_out_of_range(gateway: RunningGateway, expires_in_s: object) -> None:
+    gateway.admin("POST", "/tenants", json={"name": "acme"})
+    response = gateway.admin("POST", "/tenants/acme/keys", json={"expires_in_s": expires_in_s})
+    error = assert_openai_error(response, 400, "invalid_value")
+    assert error["param"] == "expires_in_s"
+    assert gateway.admin("GET", "/tenants/acme/keys").json()["data"] == []
+    actions = [e["action"] for e in gateway.admin("GET", "/audit").json()["data"]]
+    assert actions == ["tenant.create"]
+
+
+def test_key_expiry_at_the_bound(gateway: RunningGateway) -> None:
+    gateway.admin("POST", "/tenants", json={"name": "acme"})
+    response = gateway.admin(
+        "POST", "/tenants/acme/keys", json={"expires_in_s": 10 * 365 * 24 * 3600}
+    )
+    assert response.status_code == 201, response.text
+    key = response.json()
+    lifetime = datetime.fromisoformat(key["expires_at"]) - datetime.fromisoformat(key["created_at"])
+    assert abs(lifetime - timedelta(days=3650)) < timedelta(seconds=5)
 
 
 def test_key_is_shown_once_and_listed_by_prefix(gateway: RunningGateway) -> None:
@@ -138,6 +162,14 @@ def test_health_and_readiness(gateway: RunningGateway) -> None:
     ready = httpx.get(f"{gateway.url}/readyz")
     assert ready.status_code == 200
     assert ready.json()["checks"] == {
+        "database": "ok",
+        "quota_store": "ok",
+        "upstream": "ok",
+        "models": "ok",
+    }
+    detail = gateway.admin("GET", "/readyz")  # the admin's view names each model
+    assert detail.status_code == 200
+    assert detail.json()["checks"] == {
         "database": "ok",
         "quota_store": "ok",
         "model:fake-chat": "ok",

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import httpx
 import openai
+import orjson
 import pytest
 
 from gateway.clock import ManualClock
@@ -13,6 +14,7 @@ from gateway.settings import FileConfig, ModelConfig
 from loadtests.processes import free_port
 from tests.conftest import ADMIN_TOKEN, GatewayFactory, RunningGateway
 from tests.gateway.errors import assert_openai_error
+from tests.servers import ServerThread
 
 CHAT = {"model": "fake-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 
@@ -180,6 +182,25 @@ def test_unknown_key_and_wrong_secret(gateway: RunningGateway, acme: str) -> Non
     assert gateway.records() == []
 
 
+def test_a_flood_of_one_unknown_key_costs_one_lookup(
+    gateway: RunningGateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lookups = 0
+    original = gateway.state.tenants.grant_for
+
+    async def counting(public_id: str):  # type: ignore[no-untyped-def]
+        nonlocal lookups
+        lookups += 1
+        return await original(public_id)
+
+    monkeypatch.setattr(gateway.state.tenants, "grant_for", counting)
+    unknown = "sk-sluis-bbbbbbbbbbbb-" + "A" * 40
+    for _ in range(20):
+        assert_openai_error(post(gateway, unknown, CHAT), 401, "invalid_api_key")
+    assert lookups == 1
+    assert gateway.records() == []
+
+
 def test_revoked_key_is_refused_at_once(gateway: RunningGateway, acme: str) -> None:
     assert post(gateway, acme, CHAT).status_code == 200
     [key] = gateway.admin("GET", "/tenants/acme/keys").json()["data"]
@@ -210,6 +231,7 @@ def test_suspended_tenant(gateway: RunningGateway, acme: str) -> None:
 
 
 ADMIN_ROUTES = [
+    ("GET", "/readyz"),
     ("POST", "/tenants"),
     ("GET", "/tenants"),
     ("GET", "/tenants/acme"),
@@ -261,7 +283,10 @@ def test_upstream_down(gateway_factory: GatewayFactory, stream: bool) -> None:
     assert int(response.headers["retry-after"]) > 0
     ready = httpx.get(gateway.url + "/readyz")
     assert ready.status_code == 503
-    assert gateway.records() == []
+    # On record as an error that cost nothing: the engine never received it.
+    [record] = gateway.records()
+    assert (record["status"], record["outcome"]) == (503, "error")
+    assert record["prompt_tokens"] == record["completion_tokens"] == 0
 
 
 def test_upstream_break_mid_stream_ends_without_done(gateway: RunningGateway, acme: str) -> None:
@@ -330,6 +355,97 @@ def test_upstream_rejects_context_overflow_with_400(gateway: RunningGateway, acm
         (400, 0),
         (400, 0),
     ]
+
+
+def test_upstream_rejection_names_nothing_the_catalog_does_not_own(
+    gateway_factory: GatewayFactory,
+) -> None:
+    # The engine does not serve the upstream name the catalog maps to: its 404 names that name.
+    gateway = gateway_factory(
+        file=FileConfig(
+            models=(ModelConfig(id="fake-chat"), ModelConfig(id="ours", upstream_model="/srv/x-7b"))
+        )
+    )
+    key = gateway.create_tenant("acme")
+    for stream in (False, True):
+        response = post(gateway, key, {**CHAT, "model": "ours", "stream": stream})
+        error = assert_openai_error(response, 404, "upstream_rejected")
+        assert error["type"] == "invalid_request_error"
+        assert error["param"] is None
+        assert "/srv" not in response.text and "x-7b" not in response.text
+        assert "model_not_found" not in response.text  # the engine's own code is not ours
+    records = gateway.records()
+    assert [(r["status"], r["prompt_tokens"] + r["completion_tokens"]) for r in records] == [
+        (404, 0),
+        (404, 0),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("message", "passed"),
+    [
+        (  # vLLM's, before and after 0.9: what a tenant needs to shorten its request
+            "This model's maximum context length is 2048 tokens. However, you requested 100010 "
+            "tokens (10 in the messages, 100000 in the completion). Please reduce the length of "
+            "the messages or completion.",
+            True,
+        ),
+        (
+            "'max_tokens' or 'max_completion_tokens' is too large: 100000. This model's maximum "
+            "context length is 2048 tokens and your request has 10 input tokens "
+            "(100000 > 2048 - 10).",
+            True,
+        ),
+        ("The model `meta-llama/Llama-3-70B` does not exist.", False),
+        ("maximum context length of /srv/models/llama-70b is 2048 tokens", False),
+        ('maximum context length is 2048 tokens for "llama-secret"', False),
+        ("jinja2.exceptions.TemplateError: Conversation roles must alternate", False),
+    ],
+)
+def test_which_upstream_messages_reach_tenants(message: str, passed: bool) -> None:
+    from gateway.errors import UpstreamRejected
+    from gateway.upstreams.base import UpstreamReply
+    from gateway.upstreams.http import reply_error
+
+    body = orjson.dumps({"error": {"message": message, "code": "secret_code", "param": "x"}})
+    error = reply_error(UpstreamReply(400, body))
+    assert isinstance(error, UpstreamRejected)
+    assert (error.status_code, error.code, error.param) == (400, "upstream_rejected", None)
+    assert (error.message == message) is passed
+    if not passed:
+        assert error.message == "The model server rejected the request (400)."
+
+
+def test_upstream_credentials_never_reach_tenants(
+    gateway_factory: GatewayFactory, fake_engine_server: ServerThread
+) -> None:
+    secret = "sluis-user:s3cret-pass@"
+    with_credentials = fake_engine_server.url.replace("http://", "http://" + secret)
+    dead_port = free_port()
+    for tenant, url in [
+        ("up", with_credentials),
+        ("down", f"http://{secret}127.0.0.1:{dead_port}"),
+    ]:
+        gateway = gateway_factory(
+            upstream_url=url, file=FileConfig(models=(ModelConfig(id="fake-chat"),))
+        )
+        key = gateway.create_tenant(tenant)
+        answers = [
+            post(gateway, key, CHAT),
+            post(gateway, key, {**CHAT, "stream": True}),
+            post(gateway, key, {**CHAT, "max_tokens": 100_000}),  # an upstream 400
+            post(gateway, key, {**CHAT, "max_tokens": 100_000, "stream": True}),
+            httpx.get(gateway.url + "/v1/models", headers={"authorization": f"Bearer {key}"}),
+            httpx.get(gateway.url + "/readyz"),
+            httpx.get(gateway.url + "/healthz"),
+        ]
+        for answer in answers:
+            for leak in ("s3cret-pass", "sluis-user", str(dead_port), fake_engine_server.url):
+                assert leak not in answer.text, (answer.request.url, answer.text)
+                assert all(leak not in value for value in answer.headers.values())
+        gateway.stop()
+    down = answers[0]
+    assert_openai_error(down, 503, "upstream_unavailable")
 
 
 def test_upstream_server_error_is_a_502(gateway: RunningGateway, acme: str) -> None:

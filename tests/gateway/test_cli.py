@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from gateway.admin_client import AdminClient
 from gateway.cli import main
 from loadtests.processes import free_port
 from tests.conftest import ADMIN_TOKEN, RunningGateway
@@ -91,6 +92,36 @@ def test_errors_are_clear_and_exit_nonzero(
     monkeypatch.setenv("SLUIS_URL", "http://127.0.0.1:9")
     code, _, err = run_cli(capsys, "tenants", "list")
     assert code == 2 and "cannot reach the gateway" in err
+
+
+def test_admin_token_from_a_file(
+    cli_env: RunningGateway,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    cli_env.create_tenant("acme")
+    monkeypatch.delenv("SLUIS_ADMIN_TOKEN")
+    monkeypatch.setenv("SLUIS_STATE_DIR", str(tmp_path / "no-state"))
+    token_file = tmp_path / "token"
+    token_file.write_text(ADMIN_TOKEN + "\n")
+    code, out, err = run_cli(capsys, "tenants", "list", "--admin-token-file", str(token_file))
+    assert (code, err) == (0, "")
+    assert "acme" in out
+    code, _, err = run_cli(
+        capsys, "tenants", "list", "--admin-token-file", str(tmp_path / "missing")
+    )
+    assert code == 2 and "admin token file" in err and str(tmp_path / "missing") in err
+
+
+def test_admin_token_on_the_command_line_works_with_a_warning(
+    cli_env: RunningGateway, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cli_env.create_tenant("acme")
+    monkeypatch.delenv("SLUIS_ADMIN_TOKEN")
+    code, out, err = run_cli(capsys, "tenants", "list", "--admin-token", ADMIN_TOKEN)
+    assert code == 0 and "acme" in out
+    assert "--admin-token-file" in err and ADMIN_TOKEN not in err
 
 
 def _sluis(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.Popen[str]:
@@ -208,7 +239,7 @@ def test_quotas_from_the_cli(cli_env: RunningGateway, capsys: pytest.CaptureFixt
         "--json",
     )
     assert json.loads(out)["quotas"] == {
-        "requests_per_minute": None,
+        "requests_per_minute": "unlimited",
         "models": {"fake-chat": {"max_concurrent": 2}},
     }
     code, out, _ = run_cli(capsys, "tenants", "quota", "acme")
@@ -216,3 +247,87 @@ def test_quotas_from_the_cli(cli_env: RunningGateway, capsys: pytest.CaptureFixt
     assert out.splitlines()[1].split()[:4] == ["fake-chat", "concurrency", "2", "0"]
     code, _, err = run_cli(capsys, "tenants", "update", "acme", "--quota", "max_concurrent=-1")
     assert code == 1 and "400" in err
+
+
+def test_quota_updates_send_a_merge_patch(
+    cli_env: RunningGateway, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One PATCH naming only the changed fields: nothing read first, so nothing overwritten."""
+    sent: list[httpx.Request] = []
+
+    def record(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        request.read()
+        forwarded = httpx.request(
+            request.method, str(request.url), headers=request.headers, content=request.content
+        )
+        return httpx.Response(
+            forwarded.status_code, headers=forwarded.headers, content=forwarded.content
+        )
+
+    def recording_client(url: str | None = None, token: str | None = None) -> AdminClient:
+        return AdminClient(cli_env.url, ADMIN_TOKEN, transport=httpx.MockTransport(record))
+
+    monkeypatch.setattr(AdminClient, "from_env", recording_client)
+    run_cli(capsys, "tenants", "create", "acme", "--models", "*")
+    cli_env.admin("PATCH", "/tenants/acme", json={"quotas": {"tokens_per_day": 500}})
+    sent.clear()
+    code, out, _ = run_cli(
+        capsys,
+        "tenants",
+        "update",
+        "acme",
+        "--quota",
+        "requests_per_minute=unlimited",
+        "--quota",
+        "fake-chat/max_concurrent=2",
+        "--quota",
+        "eur_per_month=default",
+        "--json",
+    )
+    assert code == 0
+    assert [(request.method, request.url.path) for request in sent] == [
+        ("PATCH", "/admin/v1/tenants/acme")
+    ]
+    assert json.loads(sent[0].content) == {
+        "quotas": {
+            "requests_per_minute": "unlimited",
+            "eur_per_month": None,
+            "models": {"fake-chat": {"max_concurrent": 2}},
+        }
+    }
+    assert json.loads(out)["quotas"] == {
+        "tokens_per_day": 500,
+        "requests_per_minute": "unlimited",
+        "models": {"fake-chat": {"max_concurrent": 2}},
+    }
+
+
+def test_quota_update_if_match(cli_env: RunningGateway, capsys: pytest.CaptureFixture[str]) -> None:
+    run_cli(capsys, "tenants", "create", "acme", "--models", "*")
+    code, out, _ = run_cli(capsys, "tenants", "get", "acme", "--json")
+    version = json.loads(out)["version"]
+    code, out, _ = run_cli(
+        capsys,
+        "tenants",
+        "update",
+        "acme",
+        "--quota",
+        "tokens_per_day=5",
+        "--if-match",
+        str(version),
+        "--json",
+    )
+    assert code == 0 and json.loads(out)["version"] == version + 1
+    code, _, err = run_cli(
+        capsys,
+        "tenants",
+        "update",
+        "acme",
+        "--quota",
+        "tokens_per_day=6",
+        "--if-match",
+        str(version),
+    )
+    assert code == 1 and "412" in err and "precondition_failed" in err
+    assert cli_env.admin("GET", "/tenants/acme").json()["quotas"] == {"tokens_per_day": 5}

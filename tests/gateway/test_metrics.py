@@ -45,10 +45,18 @@ def test_requests_tokens_and_latencies_are_exported(gateway_factory: GatewayFact
         httpx.post(f"{gateway.url}/v1/chat/completions", json=body, headers=headers)
     records = gateway.records()
     samples = scrape(f"http://127.0.0.1:{port}/metrics")
-    labels = (("model", "fake-chat"), ("period", _period()), ("status", "2xx"), ("tenant", "acme"))
+    gateway_id = ("gateway", gateway.state.gateway_id)  # the billing counters' series' owner
+    labels = (
+        gateway_id,
+        ("model", "fake-chat"),
+        ("period", _period()),
+        ("status", "2xx"),
+        ("tenant", "acme"),
+    )
     assert samples[("sluis_requests_total", labels)] == 3
     for kind in ("prompt", "completion"):
         key_labels = (
+            gateway_id,
             ("kind", kind),
             ("model", "fake-chat"),
             ("period", _period()),
@@ -95,8 +103,15 @@ def test_counters_survive_a_restart_seeded_from_this_gateways_ledger(
     gateway_factory: GatewayFactory,
 ) -> None:
     chat = {"model": "fake-chat", "messages": [{"role": "user", "content": "a b"}], "max_tokens": 3}
-    labels = (("model", "fake-chat"), ("period", _period()), ("status", "2xx"), ("tenant", "acme"))
+    labels = (
+        ("gateway", "gw-a"),
+        ("model", "fake-chat"),
+        ("period", _period()),
+        ("status", "2xx"),
+        ("tenant", "acme"),
+    )
     completion = (
+        ("gateway", "gw-a"),
         ("kind", "completion"),
         ("model", "fake-chat"),
         ("period", _period()),
@@ -122,7 +137,7 @@ def test_counters_survive_a_restart_seeded_from_this_gateways_ledger(
     assert samples[("sluis_requests_total", labels)] == 2  # no reset to 0
     assert samples[("sluis_tokens_total", completion)] == 6
     # 2 requests x (2 prompt x 1.5 + 3 completion x 4.5) micro-euros, as the ledger charged.
-    cost = (("model", "fake-chat"), ("period", _period()), ("tenant", "acme"))
+    cost = (("gateway", "gw-a"), ("model", "fake-chat"), ("period", _period()), ("tenant", "acme"))
     assert (
         samples[("sluis_cost_micro_eur_total", cost)]
         == 2 * 17
@@ -139,7 +154,8 @@ def test_counters_survive_a_restart_seeded_from_this_gateways_ledger(
     # Another replica sharing the database counts only its own requests.
     other_port = free_port()
     gateway_factory(metrics_port=other_port, gateway_id="gw-b")
-    assert ("sluis_requests_total", labels) not in scrape(f"http://127.0.0.1:{other_port}/metrics")
+    samples = scrape(f"http://127.0.0.1:{other_port}/metrics")
+    assert not [labels for name, labels in samples if name == "sluis_requests_total"]
 
 
 def test_queue_depth_counts_requests_waiting_for_their_answer(
@@ -198,6 +214,7 @@ def test_budget_use_is_exported_per_tenant(gateway_factory: GatewayFactory) -> N
 
 def test_billing_series_of_a_period_are_kept_through_the_next_then_dropped() -> None:
     metrics = Metrics()
+    metrics.seed("gw-1", ())  # nothing metered yet: only the gateway label
 
     def periods() -> set[str]:
         return {
@@ -217,5 +234,11 @@ def test_billing_series_of_a_period_are_kept_through_the_next_then_dropped() -> 
     )
     assert periods() == {"2026-11", "2026-12"}  # November's final values stay for December
     value = metrics.registry.get_sample_value
-    labels = {"tenant": "acme", "model": "m", "kind": "completion", "period": "2026-11"}
+    labels = {
+        "tenant": "acme",
+        "model": "m",
+        "kind": "completion",
+        "period": "2026-11",
+        "gateway": "gw-1",
+    }
     assert value("sluis_tokens_total", labels) == 3

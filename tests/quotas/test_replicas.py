@@ -223,6 +223,46 @@ def test_concurrent_streams_never_overshoot_a_token_budget(cluster: Cluster) -> 
     assert usage[0]["total_tokens"] == seen
 
 
+def test_requests_without_max_tokens_never_overshoot_on_four_gateways(cluster: Cluster) -> None:
+    """The engine is held to the reservation on every gateway: no `max_tokens` (the fake engine,
+    like vLLM, would run on to its context), `n=2`, streamed and not, concurrently."""
+    name, key = cluster.tenant({"tokens_per_day": 1000})
+    bodies = []
+    for i in range(120):
+        body: dict[str, Any] = {
+            "model": "fake-chat",
+            "n": 1 + i % 2,
+            "messages": [{"role": "user", "content": "a b c"}],
+        }
+        if i % 3 == 0:
+            body |= {"stream": True, "stream_options": {"include_usage": True}}
+        bodies.append(body)
+    results = asyncio.run(_load(cluster, key, bodies, concurrency=40))
+    statuses = Counter(status for status, _, _ in results)
+    assert set(statuses) == {200, 429}, statuses
+    seen = 0
+    for status, _, content in results:
+        if status == 200:
+            usage = [line for line in content.split(b"\n") if b'"total_tokens":' in line][-1]
+            seen += int(usage.split(b'"total_tokens":')[1].split(b"}")[0])
+    deadline = time.monotonic() + 10
+    while True:
+        quota = cluster.admin("GET", f"/tenants/{name}/quota").json()["limits"]
+        [budget] = [row for row in quota if row["limit"] == "budget_tokens"]
+        if budget["reserved"] == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert (budget["used"], budget["reserved"]) == (seen, 0)
+    assert seen <= 1000
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        usage_rows = cluster.admin("GET", "/usage", params={"tenant": name}).json()["data"]
+        if usage_rows and usage_rows[0]["requests"] == statuses[200]:
+            break
+        time.sleep(0.2)
+    assert usage_rows[0]["total_tokens"] == seen
+
+
 def test_redis_dying_mid_load_fails_closed_then_recovers(cluster: Cluster) -> None:
     _, key = cluster.tenant({"requests_per_minute": 100_000, "tokens_per_day": 10**9})
 

@@ -140,3 +140,39 @@ async def test_large_and_zero_amounts_settle_exactly(store: QuotaStore, tenant: 
     await store.settle([big], "r1", [123_456_789_012_345], admitted_at=T0, now=T0 + 1)
     [state] = await store.state([big], T0 + 1)
     assert (state.used, state.reserved) == (123_456_789_012_345, 0)
+
+
+async def test_a_repeated_settle_counts_once(store: QuotaStore, tenant: str) -> None:
+    # A settle retried after its answer was lost, or repeated at shutdown, must change nothing:
+    # not the budget's use, not the window (where it would erase other requests' tokens).
+    tokens = window(tenant, 10_000, cost=600, name="tpm")
+    checks = [tokens, budget(tenant, 10_000, cost=600), concurrency(tenant, 5)]
+    assert (await store.admit(checks, "r1", T0)).allowed
+    assert (await store.admit(checks, "r2", T0 + 0.5)).allowed  # the same window bucket
+    for _ in range(2):
+        await store.settle(checks, "r1", [100, 100, 1], admitted_at=T0, now=T0 + 1)
+    tokens_state, budget_state, slots = await store.state(checks, T0 + 1)
+    assert tokens_state.used == 100 + 600
+    assert (budget_state.used, budget_state.reserved) == (100, 600)
+    assert slots.used == 1
+
+
+async def test_an_admission_repeated_is_applied_once(store: QuotaStore, tenant: str) -> None:
+    checks = [window(tenant, 10), budget(tenant, 1000, cost=60), concurrency(tenant, 5)]
+    assert (await store.admit(checks, "r1", T0)).allowed
+    assert (await store.admit(checks, "r1", T0 + 0.1)).allowed
+    rpm, spent, slots = await store.state(checks, T0 + 0.2)
+    assert (rpm.used, spent.reserved, slots.used) == (1, 60, 1)
+
+
+async def test_undoing_an_admission_that_never_ran_changes_nothing(
+    store: QuotaStore, tenant: str
+) -> None:
+    # A gateway that lost an admission's answer settles it with nothing used. If the admission
+    # never ran, that must not free what other requests hold, nor let it run afterwards.
+    checks = [window(tenant, 10), budget(tenant, 1000, cost=60), concurrency(tenant, 5)]
+    assert (await store.admit(checks, "other", T0)).allowed
+    await store.settle(checks, "lost", [0, 0, 0], admitted_at=T0, now=T0 + 0.1)
+    assert not (await store.admit(checks, "lost", T0 + 0.2)).allowed  # arrived after all
+    rpm, spent, slots = await store.state(checks, T0 + 0.3)
+    assert (rpm.used, spent.used, spent.reserved, slots.used) == (1, 0, 60, 1)

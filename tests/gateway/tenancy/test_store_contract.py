@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -15,7 +16,7 @@ from gateway.keys import parse_key, secret_matches
 from gateway.tenancy.audit import AuditLog
 from gateway.tenancy.database import Database
 from gateway.tenancy.ledger import Ledger, UsageFilter
-from gateway.tenancy.tenants import TenantStore
+from gateway.tenancy.tenants import PreconditionFailed, TenantStore
 from gateway.usage import UsageRecord
 
 
@@ -194,3 +195,77 @@ async def test_ledger_totals_by_period_tenant_and_model(
     }
     only_acme_chat = await ledger.totals(replace(november, tenant_id=acme.id, model="tiny-chat"))
     assert [(t.requests, t.prompt_tokens) for t in only_acme_chat] == [(1, 3)]
+
+
+async def test_quota_patches_merge_and_every_update_has_its_own_version(
+    store: TenantStore, clock: ManualClock
+) -> None:
+    created = await store.create_tenant("acme", models=(), metadata={}, actor="ops")
+    assert created.version == 1
+    first = await store.update_tenant("acme", actor="ops", quota_patch={"tokens_per_day": 5})
+    second = await store.update_tenant("acme", actor="ops", quota_patch={"max_concurrent": 3})
+    # The clock did not move: versions and update times must still differ, since caches key on them.
+    assert (first.version, second.version) == (2, 3)
+    assert created.updated_at < first.updated_at < second.updated_at
+    assert second.quotas == {"tokens_per_day": 5, "max_concurrent": 3}
+    third = await store.update_tenant(
+        "acme", actor="ops", quota_patch={"tokens_per_day": None, "max_concurrent": "unlimited"}
+    )
+    assert third.quotas == {"max_concurrent": None}  # stored None: unlimited (quotas/policy.py)
+    assert third.to_json()["quotas"] == {"max_concurrent": "unlimited"}
+    assert await store.get_tenant("acme") == third
+    grant_key, _ = await store.create_key("acme", actor="ops")
+    grant = await store.grant_for(grant_key.id)
+    assert grant is not None and grant.tenant == third
+
+
+async def test_a_stale_version_changes_nothing(store: TenantStore, database: Database) -> None:
+    await store.create_tenant("acme", models=(), metadata={}, actor="ops")
+    current = await store.update_tenant("acme", actor="ops", quota_patch={"tokens_per_day": 5})
+    with pytest.raises(PreconditionFailed) as refused:
+        await store.update_tenant(
+            "acme",
+            actor="ops",
+            status="suspended",
+            quota_patch={"tokens_per_day": 6},
+            expected_versions=frozenset({1}),
+        )
+    assert refused.value.status_code == 412 and refused.value.code == "precondition_failed"
+    assert await store.get_tenant("acme") == current
+    assert len(await AuditLog(database).entries()) == 2
+    updated = await store.update_tenant(
+        "acme", actor="ops", status="suspended", expected_versions=frozenset({current.version})
+    )
+    assert (updated.status, updated.version) == ("suspended", current.version + 1)
+
+
+async def test_concurrent_quota_patches_all_survive(store: TenantStore) -> None:
+    await store.create_tenant("acme", models=(), metadata={}, actor="ops")
+    patches: list[dict[str, object]] = [
+        {"requests_per_minute": 1},
+        {"tokens_per_minute": 2},
+        {"max_concurrent": 3},
+        {"tokens_per_day": 4},
+        {"tokens_per_month": 5},
+        {"eur_per_month": 6.5},
+        {"models": {"tiny-chat": {"max_concurrent": 7}}},
+        {"models": {"tiny-chat": {"tokens_per_day": 8}}},
+        {"models": {"tiny-embed": {"requests_per_minute": 9}}},
+    ]
+    await asyncio.gather(
+        *(store.update_tenant("acme", actor="ops", quota_patch=patch) for patch in patches)
+    )
+    tenant = await store.get_tenant("acme")
+    assert tenant.quotas == {
+        "requests_per_minute": 1,
+        "tokens_per_minute": 2,
+        "max_concurrent": 3,
+        "tokens_per_day": 4,
+        "tokens_per_month": 5,
+        "eur_per_month": 6.5,
+        "models": {
+            "tiny-chat": {"max_concurrent": 7, "tokens_per_day": 8},
+            "tiny-embed": {"requests_per_minute": 9},
+        },
+    }
+    assert tenant.version == 1 + len(patches)
