@@ -46,6 +46,7 @@ from gateway.tracing import TRACER_NAME, TracingMiddleware, build_tracer_provide
 from gateway.upstreams.base import Upstream
 from gateway.upstreams.registry import build_upstream
 from quotas.admission import QuotaAdmission
+from quotas.seeding import BudgetSeeds, LedgerUsage
 from quotas.stores import build_store, store_name
 
 log = logging.getLogger("sluis.gateway")
@@ -87,8 +88,9 @@ def create_app(
             )
         joined = False
         prices = PriceBook(settings.file.prices)
+        seeds = BudgetSeeds()  # budgets start from the ledger, once it is open (below)
         quotas = QuotaAdmission(
-            build_store(settings, clock),
+            build_store(settings, clock, seeds),
             defaults=settings.file.quotas,
             prices=prices,
             clock=clock,
@@ -115,6 +117,7 @@ def create_app(
                 linger_s=settings.meter_linger_s,
             )
             await meter.start()  # replays what a previous run spooled, before seeding
+            seeds.read_from(LedgerUsage(ledger, meter))
             metrics.seed(gateway_id, await ledger.counter_seed(gateway_id, now=clock.now()))
             app.state.sluis = GatewayState(
                 settings=settings,

@@ -2,8 +2,9 @@
 
 Same input, same output: a prompt of N whitespace-separated words is N prompt tokens; the answer
 is `max_tokens` words drawn from a fixed list. Like vLLM, a request without `max_tokens` runs on
-to the context (unless a default is configured), `n` answers each prompt n times and a batch of
-prompts (`prompt: [..]`) is answered prompt by prompt, all counted in `usage`. Directives inside the
+to the context (unless a default is configured), a cap past the context is lowered to it, `n`
+answers each prompt n times and a batch of prompts (`prompt: [..]`) is answered prompt by
+prompt, all counted in `usage`. Directives inside the
 prompt text steer it, so tests can provoke every path through the real gateway:
 
     [[fail:503]]        answer with that error status instead
@@ -133,12 +134,16 @@ class FakeEngine:
             wanted = max(1, self.config.max_context - longest)
         if "tokens" in directives:
             wanted = min(wanted, int(float(directives["tokens"])))
-        if endpoint is not Endpoint.EMBEDDINGS and longest + wanted > self.config.max_context:
-            raise FakeEngineError(
-                400,
-                f"This model's maximum context length is {self.config.max_context} tokens. "
-                f"However, you requested {longest + wanted} tokens.",
-            )
+        if endpoint is not Endpoint.EMBEDDINGS:
+            # As vLLM: a prompt that leaves no room is refused; a cap beyond what the context
+            # leaves is lowered to it.
+            if longest >= self.config.max_context:
+                raise FakeEngineError(
+                    400,
+                    f"This model's maximum context length is {self.config.max_context} tokens. "
+                    f"However, your request has {longest} input tokens.",
+                )
+            wanted = min(wanted, self.config.max_context - longest)
         n = body.get("n") or 1
         prompts = len(texts) if endpoint is Endpoint.COMPLETIONS else 1
         seed = zlib.crc32(prompt.encode())

@@ -96,6 +96,11 @@ class Meter:
         """Records only this process's memory holds."""
         return len(self._held) + (0 if self._batch_from_spool else len(self._batch))
 
+    def unwritten(self) -> list[UsageRecord]:
+        """The records only this process's memory holds (neither spooled nor, as far as it
+        knows, in the ledger: the batch being written may be there already)."""
+        return self._held + ([] if self._batch_from_spool else self._batch)
+
     def record(self, record: UsageRecord) -> None:
         if self._closed:
             # A request that outlived shutdown: straight to the spool, never dropped.

@@ -124,7 +124,13 @@ class ModelConfig(_Strict):
     @model_validator(mode="after")
     def _output_fits_the_context(self) -> ModelConfig:
         context = self.context_window()
-        if context is not None and self.task == "generate" and self.max_output_tokens >= context:
+        named = "max_output_tokens" in self.model_fields_set  # the default is capped per request
+        if (
+            named
+            and context is not None
+            and self.task == "generate"
+            and self.max_output_tokens >= context
+        ):
             raise ValueError(
                 f"max_output_tokens ({self.max_output_tokens}) must be below the context "
                 f"window ({context})"
@@ -213,8 +219,9 @@ class Settings(BaseSettings):
     quota_timeout_s: float = Field(default=0.25, gt=0)
     # Settles run after the answer has gone out: they may wait longer than an admission.
     quota_settle_timeout_s: float = Field(default=2.0, gt=0)
-    # How long a reservation or concurrency lease lives if its gateway never settles it.
-    quota_lease_s: float = Field(default=900.0, gt=0)
+    # How long a reservation or concurrency slot lives unless renewed: the gateway renews those
+    # of its running requests every third of it, so they lapse only once it is gone.
+    quota_lease_s: float = Field(default=120.0, gt=0)
     # With Redis: admit most requests from allowances, shares of the limits taken from Redis a
     # bucket (1 s) at a time (`quotas/allowances.py`); off, every admission is a Redis call.
     quota_allowances: bool = True

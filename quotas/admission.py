@@ -3,6 +3,10 @@
 Store failures are decided here and nowhere else: `open` admits without quotas, `closed` refuses
 with 503. Unset, the mode is closed for tenants with a budget (money must not leak) and open for
 those with rate limits only.
+
+Leases never lapse under a live request: a heartbeat renews the reservations and slots of every
+request admitted here and not yet settled, every third of the lease, so they lapse only once this
+gateway is gone (or the request was dropped without a settle: the live set holds it weakly).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -34,7 +39,7 @@ FailMode = Literal["open", "closed"]
 _SETTLE_RETRIES_S = (0.5, 1, 2, 5, 10, 30, 60)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, weakref_slot=True)
 class Reservation:
     checks: list[Check]
     request_id: str
@@ -54,6 +59,7 @@ class QuotaAdmission:
         fail_mode: FailMode | None,
         timeout_s: float,
         lease_s: float,
+        renew_every_s: float | None = None,
     ) -> None:
         self._store = store
         self._defaults = defaults
@@ -63,7 +69,11 @@ class QuotaAdmission:
         self._fail_mode = fail_mode
         self._timeout_s = timeout_s
         self._lease_s = lease_s
+        self._renew_every_s = renew_every_s or lease_s / 3
         self._pending: set[asyncio.Task[None]] = set()
+        # Admitted here and not yet settled: what the heartbeat renews.
+        self._live: weakref.WeakValueDictionary[str, Reservation] = weakref.WeakValueDictionary()
+        self._heartbeat: asyncio.Task[None] | None = None
         self._policies: dict[tuple[str, datetime], QuotaPolicy] = {}
         # Checks of one tenant version, model and day, costs still zero: built once per day.
         self._plans: dict[tuple[str, datetime, str, int], list[Check]] = {}
@@ -113,9 +123,12 @@ class QuotaAdmission:
             raise self._refusal(checks, decision, tenant.name, generation, model.id, now)
         self._metrics.quota_admissions.labels("allowance" if decision.local else "store").inc()
         self._show_budgets(tenant, checks, decision.states)
+        reservation = Reservation(checks, request.request_id, model.id, now.timestamp())
+        self._live[request.request_id] = reservation
+        if self._heartbeat is None:
+            self._heartbeat = asyncio.create_task(self._beat())
         return Admitted(
-            headers=rate_limit_headers(checks, decision.states),
-            reservation=Reservation(checks, request.request_id, model.id, now.timestamp()),
+            headers=rate_limit_headers(checks, decision.states), reservation=reservation
         )
 
     async def report(self, tenant_id: str, policy: QuotaPolicy) -> list[dict[str, object]]:
@@ -149,6 +162,8 @@ class QuotaAdmission:
         reservation = admitted.reservation
         if not isinstance(reservation, Reservation):
             return
+        if self._live.get(reservation.request_id) is reservation:
+            del self._live[reservation.request_id]  # no longer renewed: the settle replaces it
         actual = actual_costs(
             reservation.checks,
             Usage(prompt_tokens, completion_tokens),
@@ -170,7 +185,40 @@ class QuotaAdmission:
         while self._pending:
             await asyncio.wait(set(self._pending))
 
+    async def renew(self) -> None:
+        """One renewal round: the leases of every request admitted here and still running go
+        on for another lease, one store call per plan (a tenant's checks for a model). Never
+        raises: a failure is logged and counted, and the next round tries again."""
+        now = self._clock.now().timestamp()
+        plans: dict[tuple[tuple[str, int], ...], tuple[list[Check], list[str]]] = {}
+        for request_id, reservation in list(self._live.items()):
+            checks = reservation.checks  # windows have no lease: the store skips them
+            key = tuple((c.key, c.cost if c.kind is Kind.CONCURRENCY else 0) for c in checks)
+            plans.setdefault(key, (checks, []))[1].append(request_id)
+        await asyncio.gather(*(self._renew(checks, ids, now) for checks, ids in plans.values()))
+
+    async def _renew(self, checks: list[Check], request_ids: list[str], now: float) -> None:
+        try:
+            await self._store.renew(checks, request_ids, now)
+        except Exception as exc:  # the heartbeat must outlive anything a store call raises
+            self._metrics.quota_store_failures.labels("retry", "renew").inc()
+            if isinstance(exc, StoreFailure | TimeoutError):
+                log.warning(
+                    "renewing quota leases failed (%s); retrying", exc or type(exc).__name__
+                )
+            else:
+                log.exception("renewing quota leases failed; retrying")
+
+    async def _beat(self) -> None:
+        while True:
+            await asyncio.sleep(self._renew_every_s)
+            await self.renew()
+
     async def aclose(self, *, drain_s: float) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat
         if self._pending:
             await asyncio.wait(set(self._pending), timeout=drain_s)
         for task in list(self._pending):

@@ -15,9 +15,17 @@ from the shared store, and goes to the store only to take the next share.
 
 So a gateway never admits more than the store granted, and limits hold across gateways. The
 price: room a gateway holds unused is not available to the others until its allowance closes
-(at most one bucket, or until its last request ends for the slots and budget it reserved); with
-the rule above a limit can only run out meanwhile if a tenant's pace jumps ~60-fold within the
-bucket, and the room held is then at most 1/480 of what was left, per gateway.
+(at most one bucket); with the rule above a limit can only run out meanwhile if a tenant's pace
+jumps ~60-fold within the bucket, and the room held is then at most 1/480 of what was left, per
+gateway.
+
+Requests that outlive their allowance's bucket hide nothing: once it closes, the allowance is
+split in the store (`QuotaStore.split`): what its finished requests used is settled, and only
+what the running ones reserved stays held, under a new id, which the gateway's renewals keep
+alive (`renew`: the requests' own leases are their allowance's). Each renewal round splits it
+again if more of its requests ended meanwhile. A request no renewal has named for its lease is
+given up (nothing used, as its lapsed lease in the store would be), and shutdown settles every
+allowance, its requests still running given up the same way.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ import logging
 import math
 import secrets
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from quotas.checks import Check, CheckState, Decision, Kind
 from quotas.store import QuotaStore, StoreFailure
@@ -53,8 +61,13 @@ class _Allowance:
     bucket_s: float
     taken: list[int]  # per check: drawn by requests (reserved, then what they really used)
     in_flight: list[int]  # per check: what requests still running reserved
+    sent: list[int]  # per check: of `taken`, what splits settled in the store already
     outstanding: int = 0
     closed: bool = False
+    draws: set[str] = field(default_factory=set)  # the requests still running
+    split: _Split | None = None  # sent to the store, its outcome not known yet
+    split_due: bool = False  # closed with requests running: hand them to a rest of their own
+    changed: bool = False  # requests ended since the store last heard of this allowance
 
     def is_open(self, now: float) -> bool:
         return not self.closed and math.floor(now / self.bucket_s) == self.bucket
@@ -77,6 +90,7 @@ class _Allowance:
             self.taken[i] -= check.cost if check.kind is Kind.CONCURRENCY else check.cost - spent
             self.in_flight[i] -= check.cost
         self.outstanding -= 1
+        self.changed = True
 
     @property
     def finished(self) -> bool:
@@ -89,13 +103,39 @@ class _Allowance:
     def correct(self, state: CheckState, index: int) -> CheckState:
         """A store state of check `index` as it stands once this allowance is settled: unused
         room given back, settled requests' usage counted as used."""
-        room, taken, in_flight = self.checks[index], self.taken[index], self.in_flight[index]
+        room, in_flight = self.checks[index], self.in_flight[index]
+        taken = self.taken[index] - self.sent[index]
         if room.kind is Kind.BUDGET:
             used = state.used + taken - in_flight
             reserved = max(0, state.reserved - room.cost + in_flight)
         else:
             used, reserved = max(0, state.used - room.cost + taken), state.reserved
         return CheckState(state.limit, used, reserved, state.reset_s)
+
+    def settlement(self) -> list[int]:
+        """What its requests used, per check, beyond what splits settled already."""
+        return [taken - sent for taken, sent in zip(self.taken, self.sent, strict=True)]
+
+    def next_split(self) -> _Split | None:
+        """A split now: the finished requests' usage settled, a rest holding what the running
+        ones reserved (slots, reservations, their part of the window); None if it changes
+        nothing in the store."""
+        finished = [
+            t - f - s for t, f, s in zip(self.taken, self.in_flight, self.sent, strict=True)
+        ]
+        if not any(finished) and self.in_flight == [check.cost for check in self.checks]:
+            return None
+        rest = [replace(c, cost=f) for c, f in zip(self.checks, self.in_flight, strict=True)]
+        sent = [t - f for t, f in zip(self.taken, self.in_flight, strict=True)]
+        return _Split(f"a-{secrets.token_hex(8)}", finished, rest, sent)
+
+
+@dataclass(frozen=True, slots=True)
+class _Split:
+    rest_id: str
+    actual: list[int]
+    rest: list[Check]
+    sent: list[int]
 
 
 @dataclass
@@ -119,6 +159,11 @@ class _Plan:
 class _Draw:
     allowance: _Allowance
     checks: list[Check]
+    renewed_at: float  # admitted, or last named in a renewal
+
+    @property
+    def lease_s(self) -> float:
+        return max(check.span_s for check in self.checks)
 
 
 class AllowanceStore:
@@ -150,7 +195,7 @@ class AllowanceStore:
             return self._refused_again(plan, now)
         previous = plan.allowance
         if previous is not None and previous.is_open(now) and previous.fits(checks):
-            return self._draw(previous, checks, request_id, local=True)
+            return self._draw(previous, checks, request_id, now, local=True)
         if previous is not None:
             self._close(previous)  # ended, or too small for this request
         room = self._room(plan, checks)
@@ -173,10 +218,11 @@ class AllowanceStore:
                     bucket_s=bucket_s,
                     taken=[0] * len(wanted),
                     in_flight=[0] * len(wanted),
+                    sent=[0] * len(wanted),
                 )
                 self._open.append(plan.allowance)
                 self._unsettled.append(plan.allowance)
-                return self._draw(plan.allowance, checks, request_id, local=False)
+                return self._draw(plan.allowance, checks, request_id, now, local=False)
             plan.states = ()  # closer to a limit than this gateway knew: ask again first
         if self._finished:
             # The store decides this one alone: the room this gateway still holds idle goes
@@ -207,6 +253,7 @@ class AllowanceStore:
             # Admitted by the store itself: settled there (a failure is the caller's to retry).
             await self._inner.settle(checks, request_id, actual, admitted_at, now)
             return
+        draw.allowance.draws.discard(request_id)
         draw.allowance.give_back(draw.checks, actual)
         if draw.allowance.finished:
             self._finished.append(draw.allowance)
@@ -216,11 +263,47 @@ class AllowanceStore:
                 # Kept: the flusher tries again. The request itself is settled here, once.
                 log.warning("settling a quota allowance failed (%s); retrying", exc)
 
+    async def renew(self, checks: Sequence[Check], request_ids: Sequence[str], now: float) -> None:
+        """Renew the requests the store admitted itself there, and the allowances the others
+        drew from, each once (split anew where more of its requests have ended)."""
+        own: list[str] = []
+        allowances: dict[int, _Allowance] = {}
+        for request_id in request_ids:
+            draw = self._draws.get(request_id)
+            if draw is None:
+                own.append(request_id)
+            else:
+                draw.renewed_at = now
+                allowances[id(draw.allowance)] = draw.allowance
+        calls = [self._renew_allowance(allowance, now) for allowance in allowances.values()]
+        if own:
+            calls.append(self._inner.renew(checks, own, now))
+        for outcome in await asyncio.gather(*calls, return_exceptions=True):
+            if isinstance(outcome, BaseException):
+                raise outcome
+
+    async def split(
+        self,
+        checks: Sequence[Check],
+        request_id: str,
+        actual: Sequence[int],
+        rest_id: str,
+        rest: Sequence[int],
+        now: float,
+    ) -> None:
+        """Of what the store admitted itself (allowances split themselves)."""
+        await self._inner.split(checks, request_id, actual, rest_id, rest, now)
+
     async def flush(self, now: float, *, everything: bool = False) -> None:
-        """Close the allowances whose bucket has ended (all, with `everything`) and settle the
-        finished ones in the store."""
+        """Close the allowances whose bucket has ended (all, with `everything`), give up the
+        requests no renewal named for their lease, settle the finished allowances in the store
+        and split those closed with requests still running."""
         self._close_due(now, everything=everything)
+        self._expire_stale(now)
         await self._settle_finished(now)
+        for allowance in [a for a in self._unsettled if a.split_due or a.split is not None]:
+            if not allowance.finished:
+                await self._split(allowance, now)
 
     async def state(self, checks: Sequence[Check], now: float) -> list[CheckState]:
         """The store's states, corrected for this gateway's allowances not yet settled there
@@ -239,12 +322,27 @@ class AllowanceStore:
         await self._inner.ping()
 
     async def aclose(self) -> None:
+        """Settle every allowance: the requests still running (this gateway no longer renews
+        them) are given up, their reservations and slots released."""
         if self._flusher is not None:
             self._flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._flusher
+        now = self._clock()
+        self._close_due(now, everything=True)
+        running = [a for a in self._unsettled if not a.finished]
+        if running:
+            log.warning(
+                "%d quota allowances settled at shutdown with %d requests still running: "
+                "their reservations and slots released",
+                len(running),
+                sum(len(a.draws) for a in running),
+            )
+            for allowance in running:
+                for request_id in list(allowance.draws):
+                    self._give_up(request_id)
         try:
-            await self.flush(self._clock(), everything=True)
+            await self._settle_finished(now)
         except (StoreFailure, TimeoutError) as exc:
             # Their reservations and slots lapse after their lease, like any unsettled request.
             log.error("%d quota allowances left unsettled: %s", len(self._finished), exc)
@@ -312,10 +410,17 @@ class AllowanceStore:
         )
 
     def _draw(
-        self, allowance: _Allowance, checks: Sequence[Check], request_id: str, *, local: bool
+        self,
+        allowance: _Allowance,
+        checks: Sequence[Check],
+        request_id: str,
+        now: float,
+        *,
+        local: bool,
     ) -> Decision:
         allowance.draw(checks)
-        self._draws[request_id] = _Draw(allowance, list(checks))
+        allowance.draws.add(request_id)
+        self._draws[request_id] = _Draw(allowance, list(checks), now)
         return Decision(allowed=True, states=allowance.states(), local=local)
 
     def _close(self, allowance: _Allowance) -> None:
@@ -325,6 +430,65 @@ class AllowanceStore:
         self._open.remove(allowance)
         if allowance.finished:
             self._finished.append(allowance)
+        else:
+            allowance.split_due = True
+
+    def _expire_stale(self, now: float) -> None:
+        """Give up the requests of closed allowances that no renewal named for their lease:
+        their gateway lost them without a settle (the store's own lease would lapse too)."""
+        stale = [
+            request_id
+            for allowance in self._unsettled
+            if allowance.closed
+            for request_id in allowance.draws
+            if now - self._draws[request_id].renewed_at > self._draws[request_id].lease_s
+        ]
+        if stale:
+            log.warning("%d quota requests drawn from allowances not renewed: given up", len(stale))
+        for request_id in stale:
+            self._give_up(request_id)
+
+    def _give_up(self, request_id: str) -> None:
+        """As a lapsed lease: nothing used, still counted in the windows as admitted."""
+        draw = self._draws.pop(request_id)
+        plan = self._plans.get(_plan_key(draw.checks))
+        if plan is not None:
+            plan.running = max(0, plan.running - 1)
+        allowance = draw.allowance
+        allowance.draws.discard(request_id)
+        allowance.give_back(
+            draw.checks, [c.cost if c.kind is Kind.WINDOW else 0 for c in draw.checks]
+        )
+        if allowance.finished:
+            self._finished.append(allowance)
+
+    async def _renew_allowance(self, allowance: _Allowance, now: float) -> None:
+        if allowance.finished:
+            return  # being settled
+        due = allowance.split_due or allowance.changed or allowance.split is not None
+        if allowance.closed and due and await self._split(allowance, now):
+            return  # the rest's lease starts now
+        await self._inner.renew(allowance.checks, [allowance.id], now)
+
+    async def _split(self, allowance: _Allowance, now: float) -> bool:
+        """Settle what a closed allowance's finished requests used; only what its running ones
+        reserved stays held, under a new id. A split whose outcome is not known is sent again
+        as it was (the store applies it once) before anything else of its allowance. False
+        when there was nothing to split."""
+        split = allowance.split
+        if split is None:
+            allowance.split_due = allowance.changed = False
+            split = allowance.split = allowance.next_split()
+            if split is None:
+                return False
+        rest = [check.cost for check in split.rest]
+        await self._inner.split(
+            allowance.checks, allowance.id, split.actual, split.rest_id, rest, now
+        )
+        if allowance.split is split:
+            allowance.id, allowance.checks, allowance.sent = split.rest_id, split.rest, split.sent
+            allowance.split = None
+        return True
 
     def _close_due(self, now: float, *, everything: bool = False) -> None:
         for allowance in [a for a in self._open if everything or not a.is_open(now)]:
@@ -334,8 +498,14 @@ class AllowanceStore:
         while self._finished:
             allowance = self._finished.pop(0)  # taken off first: concurrent callers never share one
             try:
+                if allowance.split is not None:
+                    await self._split(allowance, now)
                 await self._inner.settle(
-                    allowance.checks, allowance.id, allowance.taken, allowance.granted_at, now
+                    allowance.checks,
+                    allowance.id,
+                    allowance.settlement(),
+                    allowance.granted_at,
+                    now,
                 )
             except BaseException:
                 self._finished.insert(0, allowance)

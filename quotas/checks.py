@@ -7,7 +7,8 @@ Three kinds, the same in every store:
   no window-boundary doubling.
 - BUDGET (tokens per day or month, money per month): `used + reserved + cost <= limit`. The cost
   is reserved at admission and reconciled to the actual usage at the end; a reservation also
-  expires after its lease, so a gateway that dies mid-request cannot leak it.
+  expires after its lease (renewed while the request runs), so a gateway that dies mid-request
+  cannot leak it.
 - CONCURRENCY: leases on in-flight requests, released at the end or expiring after the lease.
 """
 

@@ -7,6 +7,10 @@ Exactly once, like the Redis store: an admission leaves a record under its reque
 was counted), the first settle takes it, so a repeated settle changes nothing and an admission
 repeated is applied once; a settle that finds no record leaves a mark that refuses the admission
 should it come after.
+
+Budgets start from the usage ledger: a budget key this process has not counted yet (after a
+start, or in a new day or month) is seeded at its first admission with what its period used
+(`quotas/seeding.py`), so a restart does not hand a tenant its budget again.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from quotas.checks import WINDOW_BUCKETS, Check, CheckState, Decision, Kind, window_retry_after
+from quotas.store import SeedSource
 
 PERIOD_KEPT_S = 2678400.0  # as the Redis store keeps a budget a month after its period
 
@@ -55,6 +60,7 @@ class _Leases:
     expiries: list[tuple[float, str]] = field(default_factory=list)
     total: int = 0
     used: int = 0  # budgets: what settled requests consumed
+    seeded: bool = False  # budgets: `used` starts from the ledger's count (`MemoryStore._seed`)
 
     def expire(self, now: float) -> None:
         while self.expiries and self.expiries[0][0] <= now:
@@ -74,6 +80,12 @@ class _Leases:
         held = self.live.pop(request, None)
         if held is not None:
             self.total -= held[0]
+
+    def extend(self, request: str, expiry: float) -> None:
+        held = self.live.get(request)
+        if held is not None and held[1] < expiry:
+            self.live[request] = (held[0], expiry)
+            heapq.heappush(self.expiries, (expiry, request))  # the old entry is skipped
 
 
 @dataclass
@@ -100,12 +112,14 @@ class _Records:
 
 
 class MemoryStore:
-    def __init__(self) -> None:
+    def __init__(self, *, seeds: SeedSource | None = None) -> None:
         self._windows: dict[str, _Window] = {}
         self._leases: dict[str, _Leases] = {}
         self._records = _Records()
+        self._seeds = seeds
 
     async def admit(self, checks: Sequence[Check], request_id: str, now: float) -> Decision:
+        await self._seed(checks)
         self._records.expire(now)
         record = self._records.live.get(request_id)
         if record is not None:
@@ -170,7 +184,59 @@ class MemoryStore:
             else:
                 self._leases.setdefault(check.key, _Leases()).release(request_id)
 
+    async def renew(self, checks: Sequence[Check], request_ids: Sequence[str], now: float) -> None:
+        self._records.expire(now)
+        leased = [check for check in checks if check.kind is not Kind.WINDOW]
+        if not leased:
+            return
+        longest = now + max(check.span_s for check in leased)
+        for request_id in request_ids:
+            record = self._records.live.get(request_id)
+            if record is None or record[0] is None:
+                continue  # settled, never admitted, or given up
+            for check in leased:
+                leases = self._leases.get(check.key)
+                if leases is not None:
+                    leases.expire(now)
+                    leases.extend(request_id, now + check.span_s)
+            if record[1] < longest:  # its settle must still find it
+                self._records.put(request_id, record[0], longest)
+
+    async def split(
+        self,
+        checks: Sequence[Check],
+        request_id: str,
+        actual: Sequence[int],
+        rest_id: str,
+        rest: Sequence[int],
+        now: float,
+    ) -> None:
+        self._records.expire(now)
+        counted_at, lasts = self._records.live.get(request_id, (None, 0.0))
+        if counted_at is None:
+            await self.settle(checks, request_id, actual, now, now)  # nothing to split
+            return
+        live = set()
+        for check in checks:
+            if check.kind is not Kind.WINDOW:
+                leases = self._leases.setdefault(check.key, _Leases())
+                leases.expire(now)
+                if request_id in leases.live:
+                    live.add(check.key)
+        # The rest stays counted in the window bucket; the other holdings move to it.
+        finished = [
+            spent + part if check.kind is Kind.WINDOW else spent
+            for check, spent, part in zip(checks, actual, rest, strict=True)
+        ]
+        await self.settle(checks, request_id, finished, counted_at, now)
+        for check, part in zip(checks, rest, strict=True):
+            if part and check.key in live:
+                self._leases[check.key].hold(rest_id, part, now + check.span_s)
+                lasts = max(lasts, now + check.span_s)
+        self._records.put(rest_id, counted_at, lasts)
+
     async def state(self, checks: Sequence[Check], now: float) -> list[CheckState]:
+        await self._seed(checks)
         return [self._evaluate(check, now) for check in checks]
 
     async def ping(self) -> None:
@@ -178,6 +244,25 @@ class MemoryStore:
 
     async def aclose(self) -> None:
         return None
+
+    async def _seed(self, checks: Sequence[Check]) -> None:
+        """Budgets this process has not counted yet (since its start, or a new period) start
+        from what the ledger says their period used. The only await of an admission, before it
+        reads anything: evaluating and applying stay one step."""
+        leases = self._leases
+        unseeded = [
+            check
+            for check in checks
+            if check.kind is Kind.BUDGET and not (check.key in leases and leases[check.key].seeded)
+        ]
+        if not unseeded:
+            return
+        used = [0] * len(unseeded) if self._seeds is None else await self._seeds(unseeded)
+        for check, value in zip(unseeded, used, strict=True):
+            budget = leases.setdefault(check.key, _Leases())
+            if not budget.seeded:  # else seeded meanwhile, for an admission that met this one
+                budget.seeded = True
+                budget.used = max(budget.used, value)
 
     def _evaluate(self, check: Check, now: float) -> CheckState:
         if check.kind is Kind.WINDOW:

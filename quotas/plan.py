@@ -111,6 +111,22 @@ def _checks_for(
     ]
 
 
+def budget_period(check: Check) -> tuple[datetime, datetime]:
+    """The UTC period [start, end) a budget check counts: its day, or its month."""
+    end = datetime.fromtimestamp(check.period_end, UTC)
+    last_day = end - timedelta(days=1)
+    if check.limit_name == "tokens_per_day":
+        return last_day, end
+    if check.limit_name in ("tokens_per_month", "eur_per_month"):
+        return last_day.replace(day=1), end
+    raise ValueError(f"not a budget check: {check.key} ({check.limit_name!r})")
+
+
+def tenant_of(key: str) -> str:
+    """The tenant id in a check's key (its hash tag, `{<tenant id>}`)."""
+    return key[key.index("{") + 1 : key.index("}")]
+
+
 def _next_month(first: date) -> date:
     return (first.replace(day=28) + timedelta(days=4)).replace(day=1)
 

@@ -12,6 +12,8 @@ Exactly once in effect, whatever the network does:
   the store settles it with nothing used, retrying in the background until Redis answers. A
   settle that finds no record leaves a mark that keeps the admission, should it still reach
   Redis later (on a connection that was dropped), from applying anything.
+- Renewals (`redis_renew.lua`) only extend leases still live, and splits (`redis_split.lua`)
+  consume the admission's record like a settle: both may be repeated.
 - A call that times out gives up its own answer, not the connection (`quotas/resp.py`), so
   one slow reply fails no other call. Admissions and settles have their own timeouts (settles
   run after the answer has gone out, and may wait longer).
@@ -22,6 +24,14 @@ Exactly once in effect, whatever the network does:
   are still chosen by the gateway from its own clock (`quotas/plan.py`), so a gateway off by
   `s` seconds books the requests of the `s` seconds around midnight to the neighbouring day;
   the store logs the offset whenever it is a second or more.
+
+Budgets survive the loss of Redis's data: each budget key carries a `seeded` field, set when
+it was seeded from the usage ledger. The admission script finds a key without it (a new day or
+month, or a key lost to a restart without persistence, a flush, an eviction) at no extra cost,
+applies nothing and names it; the store then asks the ledger what that budget's scope used in
+its period (`quotas/seeding.py`), seeds the key if no other gateway did meanwhile
+(`redis_seed.lua`: `used` only, reservations left alone) and runs the admission again. A settle
+never recreates a lost key (it would have no TTL and count from zero): the ledger has its usage.
 """
 
 from __future__ import annotations
@@ -36,17 +46,22 @@ from typing import Any
 
 from quotas.checks import Check, CheckState, Decision, Kind
 from quotas.resp import RespConnection, RespError
-from quotas.store import StoreFailure
+from quotas.store import SeedSource, StoreFailure
 
 log = logging.getLogger("sluis.quotas")
 
 _ADMIT = (Path(__file__).parent / "redis_admit.lua").read_text()
 _SETTLE = (Path(__file__).parent / "redis_settle.lua").read_text()
+_SEED = (Path(__file__).parent / "redis_seed.lua").read_text()
+_RENEW = (Path(__file__).parent / "redis_renew.lua").read_text()
+_SPLIT = (Path(__file__).parent / "redis_split.lua").read_text()
 
 DEAD_AFTER_S = 5.0  # a connection that answers nothing for this long is dropped
 RESYNC_S = 60.0  # how often the offset to Redis's clock is measured again
 _COMPENSATION_RETRIES_S = (0.5, 1, 2, 5, 10, 30)
 MAX_COMPENSATIONS = 10_000  # pending at once; beyond, the oldest are left to their leases
+RENEW_BATCH = 256  # request ids per renewal script: a script blocks Redis while it runs
+SEED_ATTEMPTS = 2  # seedings of one admission's budgets, should they be lost again at once
 
 
 class RedisStore:
@@ -57,8 +72,10 @@ class RedisStore:
         timeout_s: float,
         settle_timeout_s: float | None = None,
         clock: Callable[[], float] = time.time,
+        seeds: SeedSource | None = None,
     ) -> None:
         self._timeout_s = timeout_s
+        self._seeds = seeds
         self._settle_timeout_s = settle_timeout_s or timeout_s
         self._connection = RespConnection(
             url,
@@ -67,7 +84,13 @@ class RedisStore:
         )
         self._scripts = {
             name: (hashlib.sha1(text.encode()).hexdigest(), text)
-            for name, text in (("admit", _ADMIT), ("settle", _SETTLE))
+            for name, text in (
+                ("admit", _ADMIT),
+                ("settle", _SETTLE),
+                ("seed", _SEED),
+                ("renew", _RENEW),
+                ("split", _SPLIT),
+            )
         }
         self._clock = clock
         self._offset = 0.0  # Redis's clock minus the gateway's, whole seconds
@@ -87,11 +110,8 @@ class RedisStore:
         keys = _keys(checks, request_id)
         specs = _check_args(checks)
         try:
-            raw = await self._call(
-                self._timeout_s,
-                lambda: self._script(
-                    "admit", keys, [now + self._offset, request_id, "admit", *specs]
-                ),
+            raw = await self._admission(
+                checks, keys, lambda: [now + self._offset, request_id, "admit", *specs]
             )
         except BaseException as exc:
             # Its command may have reached Redis and run: undo it (a no-op if it did not).
@@ -122,11 +142,36 @@ class RedisStore:
         # handed in are not needed.
         await self._call(self._settle_timeout_s, lambda: self._settle(checks, request_id, actual))
 
+    async def renew(self, checks: Sequence[Check], request_ids: Sequence[str], now: float) -> None:
+        leased = [check for check in checks if check.kind is not Kind.WINDOW]
+        if not leased:
+            return
+        for start in range(0, len(request_ids), RENEW_BATCH):
+            await self._renew(leased, request_ids[start : start + RENEW_BATCH], now)
+
+    async def split(
+        self,
+        checks: Sequence[Check],
+        request_id: str,
+        actual: Sequence[int],
+        rest_id: str,
+        rest: Sequence[int],
+        now: float,
+    ) -> None:
+        keys = [_record_key(checks, request_id), *_keys(checks, rest_id)]
+        specs = [
+            f"{c.kind.value} {c.span_s!r} {c.cost} {spent} {part}"
+            for c, spent, part in zip(checks, actual, rest, strict=True)
+        ]
+        await self._call(
+            self._settle_timeout_s,
+            lambda: self._script("split", keys, [now + self._offset, request_id, rest_id, *specs]),
+        )
+
     async def state(self, checks: Sequence[Check], now: float) -> list[CheckState]:
         keys, specs = _keys(checks, "-"), _check_args(checks)
-        raw = await self._call(
-            self._timeout_s,
-            lambda: self._script("admit", keys, [now + self._offset, "-", "state", *specs]),
+        raw = await self._admission(
+            checks, keys, lambda: [now + self._offset, "-", "state", *specs]
         )
         return list(_states(raw[4:], checks))
 
@@ -165,6 +210,39 @@ class RedisStore:
             raise StoreFailure(f"redis: no answer within {timeout_s} s") from exc
         except (RespError, OSError) as exc:
             raise StoreFailure(f"redis: {type(exc).__name__}: {exc}") from exc
+
+    async def _admission(
+        self, checks: Sequence[Check], keys: list[str], args: Callable[[], list[Any]]
+    ) -> Any:
+        """The admission script's answer once every budget key it reads is seeded: one that it
+        finds unseeded (new, or lost) is seeded from the ledger first, then it runs again."""
+        seeded = 0
+        while True:
+            raw = await self._call(self._timeout_s, lambda: self._script("admit", keys, args()))
+            if int(raw[0]) >= 0:
+                return raw
+            if seeded == SEED_ATTEMPTS:
+                raise StoreFailure("redis: budget keys lost again as soon as they were seeded")
+            await self._seed([checks[int(index) - 1] for index in raw[1:]])
+            seeded += 1
+
+    async def _seed(self, checks: Sequence[Check]) -> None:
+        """Seed budget keys with the ledger's count, where no other gateway did first."""
+        used = [0] * len(checks) if self._seeds is None else await self._seeds(checks)
+        keys = [check.key for check in checks]
+        specs = [f"{int(n)} {c.period_end!r}" for c, n in zip(checks, used, strict=True)]
+        await self._call(
+            self._timeout_s,
+            lambda: self._script("seed", keys, [self._clock() + self._offset, *specs]),
+        )
+
+    async def _renew(self, leased: Sequence[Check], batch: Sequence[str], now: float) -> None:
+        keys = _keys(leased, "-")[1:] + [_record_key(leased, request_id) for request_id in batch]
+        specs = [f"{c.kind.value} {c.span_s!r} {c.cost}" for c in leased]
+        await self._call(
+            self._settle_timeout_s,  # in the background, as settles
+            lambda: self._script("renew", keys, [now + self._offset, len(specs), *specs, *batch]),
+        )
 
     async def _settle(
         self, checks: Sequence[Check], request_id: str, actual: Sequence[int]

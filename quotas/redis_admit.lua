@@ -4,7 +4,8 @@
 -- ARGV: now, request id, mode ("admit" | "state"), then one spec per check,
 --       "kind limit cost span period_end" (few arguments: packing them is the client's cost).
 -- Times in seconds, on Redis's clock (the client corrects its own by the offset it measured).
--- Returns {allowed, failed index, retry after ms, never, then per check: used, reserved, reset ms}.
+-- Returns {allowed, failed index, retry after ms, never, then per check: used, reserved, reset ms},
+-- or {-1, indexes} when budget keys must be seeded first (below).
 --
 -- An admission is applied once per request id: it leaves a record (its time, read back by the
 -- settle, which deletes it), and a record already there means "applied already" (answered
@@ -34,6 +35,17 @@ for i = 4, #ARGV do
   specs[#specs + 1] = spec
 end
 local n = #specs
+
+-- A budget key without its 'seeded' field is new (a new period) or was lost (Redis restarted
+-- empty, a flush, an eviction): answer {-1, the index of each such check} and change nothing.
+-- The gateway seeds them from the usage ledger (redis_seed.lua) and asks again.
+local unseeded = {-1}
+for i = 1, n do
+  if specs[i].kind == 'budget' and redis.call('HEXISTS', specs[i].key, 'seeded') == 0 then
+    unseeded[#unseeded + 1] = i
+  end
+end
+if #unseeded > 1 then return unseeded end
 
 local prior = false
 if mode == 'admit' then

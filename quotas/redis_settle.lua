@@ -44,12 +44,17 @@ for i = 2, #ARGV do
     local rkey = KEYS[next_key]
     next_key = next_key + 1
     if redis.call('ZREM', rkey, rid) == 1 then
-      local reserved = tonumber(redis.call('HGET', key, 'c:' .. rid) or '0')
-      redis.call('HINCRBY', key, 'reserved', int(-reserved))
-      redis.call('HDEL', key, 'c:' .. rid)
+      local reserved = redis.call('HGET', key, 'c:' .. rid)
+      if reserved then  -- else the key was lost, its reservations with it
+        redis.call('HINCRBY', key, 'reserved', int(-tonumber(reserved)))
+        redis.call('HDEL', key, 'c:' .. rid)
+      end
     end
-    -- The record expires with this key, so this does not recreate a lost key without a TTL.
-    redis.call('HINCRBY', key, 'used', int(actual))
+    -- Into a seeded key only: a lost key is not recreated here (without a TTL, counting from
+    -- zero); the ledger, which seeds it again at its next admission, has this usage.
+    if redis.call('HEXISTS', key, 'seeded') == 1 then
+      redis.call('HINCRBY', key, 'used', int(actual))
+    end
   else
     redis.call('ZREM', key, rid)
     for slot = 2, cost do redis.call('ZREM', key, rid .. '#' .. slot) end

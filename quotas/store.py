@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 from quotas.checks import Check, CheckState, Decision
@@ -10,6 +10,12 @@ from quotas.checks import Check, CheckState, Decision
 
 class StoreFailure(Exception):
     """The quota store could not answer (down, timed out); the fail mode decides what follows."""
+
+
+# What a store asks of the usage ledger for each budget key it finds unseeded, new to it (a new
+# period, a start) or lost (Redis restarted empty, flushed, evicted): per budget check, what its
+# scope used in its period (`quotas/seeding.py`). Raises `StoreFailure` when it cannot tell.
+SeedSource = Callable[[Sequence[Check]], Awaitable[Sequence[int]]]
 
 
 class QuotaStore(Protocol):
@@ -38,6 +44,30 @@ class QuotaStore(Protocol):
     ) -> None:
         """Replace the reserved costs of an admission by what was actually used (windows in
         the bucket the store counted the admission in, whatever `admitted_at` says)."""
+        ...
+
+    async def renew(self, checks: Sequence[Check], request_ids: Sequence[str], now: float) -> None:
+        """Extend the leases (budget reservations, concurrency slots: a concurrency check's
+        cost is the slots each holds) of these admissions to `now` plus their span: the
+        gateway still runs them. Never shortens one, and changes nothing for an admission
+        settled, never made, or whose lease has lapsed already."""
+        ...
+
+    async def split(
+        self,
+        checks: Sequence[Check],
+        request_id: str,
+        actual: Sequence[int],
+        rest_id: str,
+        rest: Sequence[int],
+        now: float,
+    ) -> None:
+        """Settle an admission's finished part and hand what still runs to an admission of its
+        own, in one step: as `settle` with `actual`, and `rest_id` then holds `rest` per check
+        (reserved, slots, or counted in the admission's window bucket), counted when the first
+        was, leased from `now`, with no limit check (the room was granted already); where the
+        first's lease had lapsed, the rest holds nothing of that check. Exactly once like a
+        settle: a repeat, or a split of what was settled, changes nothing."""
         ...
 
     async def state(self, checks: Sequence[Check], now: float) -> list[CheckState]: ...

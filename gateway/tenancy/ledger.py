@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -46,6 +46,15 @@ class CounterSeed:
     requests: int
     prompt_tokens: int
     completion_tokens: int
+    cost_micro_eur: int
+
+
+@dataclass(frozen=True, slots=True)
+class ModelUsage:
+    """What a tenant used of one model in a period: where its quota budgets start."""
+
+    model: str
+    tokens: int
     cost_micro_eur: int
 
 
@@ -163,6 +172,25 @@ class Ledger:
                 CounterSeed(r[0], r[1], int(r[2]), period, *(int(v) for v in r[3:7])) for r in rows
             ]
         return seeds
+
+    async def used(
+        self, tenant_id: str, start: datetime, end: datetime, *, excluding: Collection[str] = ()
+    ) -> list[ModelUsage]:
+        """Per model, the tokens (prompt and completion) and micro-euros a tenant used in
+        [start, end), but for the records `excluding` names (the caller counts those itself)."""
+        u = usage_records
+        query = (
+            select(
+                u.c.model,
+                func.coalesce(func.sum(u.c.prompt_tokens + u.c.completion_tokens), 0),
+                func.coalesce(func.sum(u.c.cost_micro_eur), 0),
+            )
+            .where(u.c.tenant_id == tenant_id, u.c.created_at >= start, u.c.created_at < end)
+            .group_by(u.c.model)
+        )
+        if excluding:
+            query = query.where(u.c.request_id.not_in(list(excluding)))
+        return [ModelUsage(row[0], int(row[1]), int(row[2])) for row in await self._rows(query)]
 
     async def records(self, where: UsageFilter, *, limit: int = 100) -> list[UsageRecord]:
         query = select(usage_records).order_by(usage_records.c.created_at.desc()).limit(limit)

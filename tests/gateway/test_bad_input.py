@@ -345,7 +345,7 @@ def test_upstream_error_event_mid_stream_is_passed_without_done(
 
 
 def test_upstream_rejects_context_overflow_with_400(gateway: RunningGateway, acme: str) -> None:
-    body = {**CHAT, "max_tokens": 100_000}
+    body = {**CHAT, "messages": [{"role": "user", "content": "w " * 600}]}  # context: 512
     error = assert_openai_error(post(gateway, acme, body), 400, "upstream_rejected")
     assert "context length" in str(error["message"])
     streamed = post(gateway, acme, {**body, "stream": True})

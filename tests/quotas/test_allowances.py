@@ -5,6 +5,7 @@ Redis, time handed in (no sleeping)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import secrets
 from collections.abc import AsyncIterator, Callable
@@ -377,3 +378,76 @@ def test_random_traffic_on_three_gateways_keeps_every_limit(
             await inner.aclose()
 
     asyncio.run(run())
+
+
+async def test_a_draw_that_never_settles_hides_no_usage(inner: QuotaStore, tenant: str) -> None:
+    # The review's H5 (`allow_leak.py`): 49 of 50 requests settle, one never does. Before, its
+    # allowance was never settled, and the 49's usage never reached the store.
+    store = gateway(inner)
+    checks = [budget(tenant, 10_000_000, cost=100)]
+    for i in range(50):
+        assert (await store.admit(checks, f"r{i}", T0 + i * 0.001)).allowed
+    for i in range(50):
+        if i != 5:
+            await store.settle(checks, f"r{i}", [100], admitted_at=T0, now=T0 + 0.5)
+    await store.flush(T0 + 2)  # the allowances close: what their finished requests used counts
+    [state] = await inner.state(checks, T0 + 2)
+    assert (state.used, state.reserved) == (4900, 100)  # r5's reservation alone is held
+    await store.aclose()  # r5 is given up: its reservation goes back
+    [state] = await inner.state(checks, T0 + 3)
+    assert (state.used, state.reserved) == (4900, 0)
+
+
+async def test_an_allowance_lives_as_long_as_its_requests(inner: QuotaStore, tenant: str) -> None:
+    store = gateway(inner)
+    checks = [budget(tenant, 10**6, cost=100, lease=100), concurrency(tenant, 1000, lease=100)]
+    decisions = [await store.admit(checks, f"r{i}", T0 + i * 0.01) for i in range(3)]
+    assert [d.local for d in decisions] == [False, False, True]  # r1 took it, r2 drew from it
+    for t in range(40, 401, 40):  # the gateway renews its running requests every lease/3
+        await store.renew(checks, ["r0", "r1", "r2"], T0 + t)
+        await store.flush(T0 + t)
+    spent, slots = await inner.state(checks, T0 + 400)
+    assert (spent.used, spent.reserved, slots.used) == (0, 300, 3)
+    # Its gateway is gone: no renewals, and after the lease everything it held lapses.
+    spent, slots = await inner.state(checks, T0 + 501)
+    assert (spent.used, spent.reserved, slots.used) == (0, 0, 0)
+    await store.aclose()
+
+
+async def test_a_draw_no_longer_renewed_is_given_up(inner: QuotaStore, tenant: str) -> None:
+    store = gateway(inner)
+    checks = [budget(tenant, 10**6, cost=100, lease=100), concurrency(tenant, 1000, lease=100)]
+    decisions = [await store.admit(checks, f"r{i}", T0 + i * 0.01) for i in range(6)]
+    assert [d.local for d in decisions[4:]] == [False, True]  # r4 took an allowance, r5 drew
+    for i in range(4):
+        await store.settle(checks, f"r{i}", [50, 1], admitted_at=T0, now=T0 + 0.5)
+    # r4 runs on (its gateway renews it); r5 was lost on a path that never settles.
+    for t in range(40, 201, 40):
+        await store.renew(checks, ["r4"], T0 + t)
+        await store.flush(T0 + t)
+    spent, slots = await inner.state(checks, T0 + 200)
+    assert (spent.used, spent.reserved, slots.used) == (200, 100, 1)  # r4's alone
+    await store.aclose()
+
+
+async def test_shutdown_settles_unfinished_allowances(
+    inner: QuotaStore, tenant: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = gateway(inner)
+    checks = [
+        window(tenant, 10_000_000, cost=40, name="tpm"),
+        budget(tenant, 100_000_000, cost=40),
+        concurrency(tenant, 1000),
+    ]
+    decisions = [await store.admit(checks, f"r{i}", T0 + i * 0.01) for i in range(6)]
+    assert [d.local for d in decisions[4:]] == [False, True]  # r4 took an allowance, r5 drew
+    for i in range(5):
+        await store.settle(checks, f"r{i}", [10, 10, 1], admitted_at=T0, now=T0 + 0.1)
+    with caplog.at_level(logging.WARNING, logger="sluis.quotas"):
+        await store.aclose()  # r5 still runs: its allowance is settled all the same
+    tpm, spent, slots = await inner.state(checks, T0 + 0.2)
+    # The settled requests' usage counts; r5's reservation and slot go back, and it stays
+    # counted in the window as admitted (as a request that never settles does in the store).
+    assert (spent.used, spent.reserved, slots.used) == (50, 0, 0)
+    assert tpm.used == 50 + 40
+    assert "1 requests still running" in caplog.text

@@ -197,6 +197,26 @@ async def test_ledger_totals_by_period_tenant_and_model(
     assert [(t.requests, t.prompt_tokens) for t in only_acme_chat] == [(1, 3)]
 
 
+async def test_ledger_usage_per_model_in_a_period_for_quota_seeds(database: Database) -> None:
+    ledger = Ledger(database)
+    nov1, dec1 = datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC)
+    priced = [replace(_record(f"r{i}", "ten_a", nov1), cost_micro_eur=7) for i in range(3)]
+    await ledger.write(
+        [
+            _record("before", "ten_a", nov1 - timedelta(microseconds=1)),
+            *priced,
+            _record("embed", "ten_a", dec1 - timedelta(microseconds=1), model="tiny-embed"),
+            _record("after", "ten_a", dec1),
+            _record("other", "ten_b", nov1),
+        ]
+    )
+    used = {u.model: (u.tokens, u.cost_micro_eur) for u in await ledger.used("ten_a", nov1, dec1)}
+    assert used == {"tiny-chat": (3 * 8, 3 * 7), "tiny-embed": (8, 0)}
+    held_elsewhere = await ledger.used("ten_a", nov1, dec1, excluding=["r0", "r1", "embed"])
+    assert [(u.model, u.tokens, u.cost_micro_eur) for u in held_elsewhere] == [("tiny-chat", 8, 7)]
+    assert await ledger.used("ten_c", nov1, dec1) == []
+
+
 async def test_quota_patches_merge_and_every_update_has_its_own_version(
     store: TenantStore, clock: ManualClock
 ) -> None:
