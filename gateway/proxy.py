@@ -251,17 +251,18 @@ class _Ending:
         if self._closed:
             return
         self._closed = True
-        with anyio.CancelScope(shield=True):
-            _meter(
-                self._ctx,
-                self.prompt,
-                self.completion,
-                exact=self.exact,
-                status=self.status,
-                outcome=self.outcome,
-                ttft=self.ttft,
-            )
-            await _settle(self._ctx, self.prompt, self.completion)
+        _meter(
+            self._ctx,
+            self.prompt,
+            self.completion,
+            exact=self.exact,
+            status=self.status,
+            outcome=self.outcome,
+            ttft=self.ttft,
+        )
+        # Never suspends (the settle is handed to a task), so a cancelled request cannot be
+        # interrupted here and needs no shield.
+        await _settle(self._ctx, self.prompt, self.completion)
 
 
 _OPERATIONS = {
