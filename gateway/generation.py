@@ -27,8 +27,6 @@ class Generation:
     sequences: int
     # True when the client named no cap and the gateway chose `max_tokens`.
     defaulted: bool
-    # A single prompt's largest estimate (a batch's cap must leave room for its longest).
-    longest_prompt: int = 0
 
     @property
     def completion_tokens(self) -> int:
@@ -48,7 +46,7 @@ def plan_generation(endpoint: Endpoint, body: dict[str, Any], model: Model) -> G
     prompt = sum(prompts) + media
     longest = max(prompts, default=0) + media
     if endpoint is Endpoint.EMBEDDINGS:
-        return Generation(prompt, 0, 0, defaulted=False, longest_prompt=longest)
+        return Generation(prompt, 0, 0, defaulted=False)
     sequences = max(_int(body.get("n")), _int(body.get("best_of"))) * max(1, len(prompts))
     asked = _asked_max_tokens(endpoint, body)
     if asked is None:
@@ -56,9 +54,9 @@ def plan_generation(endpoint: Endpoint, body: dict[str, Any], model: Model) -> G
         if model.context_tokens is not None:
             cap = max(1, min(cap, model.context_tokens - longest))
         _write_cap(endpoint, body, cap)
-        return Generation(prompt, cap, sequences, defaulted=True, longest_prompt=longest)
+        return Generation(prompt, cap, sequences, defaulted=True)
     _write_cap(endpoint, body, asked)
-    return Generation(prompt, asked, sequences, defaulted=False, longest_prompt=longest)
+    return Generation(prompt, asked, sequences, defaulted=False)
 
 
 def _asked_max_tokens(endpoint: Endpoint, body: dict[str, Any]) -> int | None:
